@@ -1,0 +1,26 @@
+# zero2merged: make install | test | test-fast | demo | clean
+PYTHON ?= python3
+
+.PHONY: install test test-fast demo clean
+
+# torch first, pinned to the CPU build: an unpinned torch (asked for by deepspeed or peft) would pull a
+# multi-GB CUDA build on a machine that has none.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# Everything, the slow tests that train and convert real DeepSpeed checkpoints included.
+test: install
+	$(PYTHON) -m pytest
+
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow"
+
+# Train a tiny LoRA model with DeepSpeed ZeRO-3 on 2 CPU ranks (HF Trainer), convert it, verify parity.
+demo: install
+	$(PYTHON) -m fixtures build demo --link build/demo/checkpoint
+	$(PYTHON) -m zero2merged convert build/demo/checkpoint --output build/demo/merged
+	$(PYTHON) -m zero2merged verify build/demo/merged --checkpoint build/demo/checkpoint
+
+clean:
+	rm -rf build fixtures/.cache .pytest_cache

@@ -1,0 +1,133 @@
+"""End to end on real checkpoints: the merged output matches DeepSpeed's consolidation + PEFT's merge,
+loads with the plain Auto class, and reproduces what the live engine computed at training time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import zero2merged
+from fixtures import SPECS
+from tests.helpers import (
+    assert_within_one_rounding,
+    base_state,
+    convert_fixture,
+    reference_merged,
+    saved_state,
+    top1_agreement,
+)
+
+pytestmark = pytest.mark.slow
+
+CONVERTIBLE = [name for name in SPECS if name != "demo"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.fixture(scope="module")
+def converted(trained, tmp_path_factory):
+    """``converted(name)`` -> (fixture, output folder, report); each fixture converted once per module."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            fixture = trained(name)
+            output = tmp_path_factory.mktemp(name) / "merged"
+            done[name] = fixture, output, convert_fixture(fixture, output)
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name):
+    fixture, output, report = converted(name)
+    reference = reference_merged(fixture)
+    ours = saved_state(output)
+    assert set(ours) == set(reference)
+    expected_dtype = DTYPES[fixture.spec.base_dtype or fixture.spec.dtype]
+    for key, ref in reference.items():
+        assert ours[key].dtype == expected_dtype, key
+        if expected_dtype == torch.float32:
+            torch.testing.assert_close(ours[key], ref, rtol=1e-5, atol=1e-7, msg=key)
+        else:
+            assert_within_one_rounding(ours[key], ref, key)
+    # The adapter really moved the targeted weights, so a conversion that dropped it would fail above.
+    base = base_state(fixture)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (reference[q] - base[q]).abs().max() > 0.05 * base[q].abs().max()
+    assert report.stage("merge").metrics["parity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_output_reproduces_the_live_engine(converted, name):
+    fixture, output, _ = converted(name)
+    live = load_file(fixture.live_outputs)
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=live["input_ids"]).logits
+    assert top1_agreement(logits, live["logits"]) >= 0.95
+    # ...which the bare base does not: the comparison can tell a merged adapter from none.
+    base = AutoModelForCausalLM.from_pretrained(fixture.base, dtype=torch.float32)
+    with torch.no_grad():
+        assert top1_agreement(base(input_ids=live["input_ids"]).logits, live["logits"]) < 0.8
+
+
+def test_output_loads_without_zero2merged_or_peft(converted):
+    fixture, output, _ = converted("trainer-z3-bf16")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(output)!r})
+        live = load_file({str(fixture.live_outputs)!r})
+        with torch.no_grad():
+            logits = model.float()(input_ids=live["input_ids"]).logits
+        agree = (logits.argmax(-1) == live["logits"].argmax(-1)).float().mean().item()
+        print(json.dumps({{"agree": agree, "dtype": str(model.dtype),
+                          "imported": [m for m in ("peft", "zero2merged", "deepspeed") if m in sys.modules]}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["imported"] == []
+    assert result["agree"] >= 0.95
+
+
+def test_tokenizer_and_generation_config_carried_over(converted):
+    fixture, output, report = converted("engine-z3-bf16")
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer("t5 t6 t7")["input_ids"] == AutoTokenizer.from_pretrained(fixture.base)("t5 t6 t7")["input_ids"]
+    generation = GenerationConfig.from_pretrained(output)
+    assert (generation.temperature, generation.top_p, generation.do_sample) == (0.7, 0.9, True)
+    assert report.stage("save").metrics["tokenizer_from"] == str(fixture.base)
+
+
+def test_sharded_output_with_index(trained, tmp_path):
+    fixture = trained("engine-z2-bf16")
+    output = tmp_path / "merged"
+    convert_fixture(fixture, output, max_shard_size="100KB", dtype="fp32")
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((output / shard).is_file() for shard in shards)
+    reference = reference_merged(fixture)
+    ours = saved_state(output)
+    for key, ref in reference.items():
+        torch.testing.assert_close(ours[key], ref, rtol=1e-5, atol=1e-7, msg=key)
+    assert AutoModelForCausalLM.from_pretrained(output).dtype == torch.float32
+
+
+def test_output_that_is_not_empty_is_refused(trained, tmp_path):
+    fixture = trained("engine-z2-bf16")
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(zero2merged.OutputError, match="not empty"):
+        convert_fixture(fixture, output)
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    assert not list(tmp_path.glob(".*partial"))

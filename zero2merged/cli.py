@@ -1,0 +1,167 @@
+"""The ``zero2merged`` command: a thin click layer over the library.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage. A user error prints one line
+(``error: …``) and no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+
+import click
+
+from zero2merged.errors import VerificationError, Zero2MergedError
+
+DTYPE_CHOICE = click.Choice(["auto", "fp32", "bf16", "fp16"])
+
+
+class _Group(click.Group):
+    """Turns the library's errors into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Zero2MergedError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1 if isinstance(e, VerificationError) else 2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to resume", err=True)
+            ctx.exit(130)
+
+
+def _quiet_libraries(debug: bool) -> None:
+    # Only files are read, so no accelerator is needed; naming one keeps DeepSpeed from printing its
+    # accelerator guess on stdout (which would break --json). A user's own choice is kept.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:
+        import warnings
+
+        import transformers
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zero2merged")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and library logs.")
+def main(debug: bool) -> None:
+    """Turn the DeepSpeed ZeRO checkpoint of a LoRA fine-tune into one merged, verified model."""
+    _quiet_libraries(debug)
+
+
+checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+base_model_option = click.option("--base-model", help="Base model path or hub id [default: the adapter config's].")
+tag_option = click.option("--tag", help="Checkpoint tag to use [default: the one 'latest' names].")
+adapter_config_option = click.option(
+    "--adapter-config", type=click.Path(exists=True), help="adapter_config.json (or its folder) if not beside the checkpoint."
+)
+
+
+@main.command()
+@checkpoint_argument
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the merged model (new or empty).")
+@base_model_option
+@tag_option
+@adapter_config_option
+@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True, help="Output dtype; auto = the base's.")
+@click.option("--work-dir", type=click.Path(), help="Stage artifacts and manifest [default: OUTPUT.zero2merged-work].")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--force", is_flag=True, help="Redo every stage, even those whose results are still valid.")
+@click.option("--ignore-base-mismatch", is_flag=True, help="Go on when saved frozen weights differ from the base's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(checkpoint, output, base_model, tag, adapter_config, dtype, work_dir, max_shard_size, force,
+            ignore_base_mismatch, as_json) -> None:
+    """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
+
+    \b
+    Example:
+        zero2merged convert run/checkpoint-500 --output merged --base-model meta-llama/Llama-3.2-1B
+    """
+    from zero2merged.pipeline import convert as run_convert
+
+    report = run_convert(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
+                         dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
+                         ignore_base_mismatch=ignore_base_mismatch)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+
+
+@main.command()
+@checkpoint_argument
+@tag_option
+@adapter_config_option
+@base_model_option
+@click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
+def inspect(checkpoint, tag, adapter_config, base_model, as_json) -> None:
+    """Show what CHECKPOINT holds and what a conversion would use.
+
+    \b
+    Example:
+        zero2merged inspect run/checkpoint-500
+    """
+    from zero2merged.stages.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model)
+    click.echo(info.to_json() if as_json else format_info(info))
+
+
+@main.command()
+@click.argument("merged", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The checkpoint folder the merged model was made from.")
+@base_model_option
+@tag_option
+@adapter_config_option
+def verify(merged, checkpoint, base_model, tag, adapter_config) -> None:
+    """Check that MERGED behaves like the unmerged model of CHECKPOINT; print a JSON report.
+
+    Exit code 0 when the parity is within tolerance, 1 when not.
+
+    \b
+    Example:
+        zero2merged verify merged --checkpoint run/checkpoint-500
+    """
+    from zero2merged.pipeline import verify as run_verify
+
+    report = run_verify(merged, checkpoint, base_model=base_model, tag=tag, adapter_config=adapter_config)
+    click.echo(json.dumps(report.to_dict(), indent=2))
+    p = report.parity
+    verdict = "PASS" if report.passed else "FAIL"
+    click.echo(f"{verdict}: max rel diff {p['max_rel_diff']:.3g}, top-1 agreement {p['top1_agreement']:.4f} "
+               f"({report.merged_dtype} tolerance {report.tolerance})", err=True)
+    if not report.passed:
+        sys.exit(1)
+
+
+def format_info(info) -> str:
+    """Stage 1's findings as a readable block."""
+    layout = info.layout
+    trainable = sum(math.prod(s) for s in layout.trainable_shapes.values())
+    frozen = sum(math.prod(s) for s in layout.frozen.values())
+    lora = info.lora_config
+    targets = lora.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
+    saved = f"saved ({layout.frozen_source})" if layout.frozen_source else "not saved: taken from the base"
+    rows = [
+        ("checkpoint", info.checkpoint),
+        ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
+        ("step", layout.global_step),
+        ("ZeRO", f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}"),
+        ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params (fp32 masters)"),
+        ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, {saved}"),
+        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha')}, targets {targets}, adapter '{info.adapter_name}'"),
+        ("LoRA config", info.adapter_config_path),
+        ("base model", info.base_model),
+    ]
+    lines = [f"{name:12} {value}" for name, value in rows]
+    lines += [f"note: {w}" for w in info.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""The few exceptions zero2merged raises. Each message is one line: what is wrong, where, what to do.
+
+The CLI maps :class:`VerificationError` to exit code 1 and every other :class:`Zero2MergedError` to 2.
+"""
+
+
+class Zero2MergedError(Exception):
+    """A conversion cannot go on; nothing half-written is left where the output belongs."""
+
+
+class CheckpointError(Zero2MergedError):
+    """The checkpoint is missing, unreadable, or not a DeepSpeed ZeRO checkpoint of a LoRA run."""
+
+
+class AdapterConfigError(Zero2MergedError):
+    """The LoRA config is missing or does not describe the adapter saved in the checkpoint."""
+
+
+class BaseModelError(Zero2MergedError):
+    """The base model cannot be loaded or does not fit the checkpoint."""
+
+
+class OutputError(Zero2MergedError):
+    """The output or work directory cannot be used."""
+
+
+class VerificationError(Zero2MergedError):
+    """A parity or round-trip check failed: the result would not behave like the trained model."""

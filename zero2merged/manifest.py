@@ -1,0 +1,110 @@
+"""The work directory's manifest: one record per stage, written atomically; and the file helpers it uses.
+
+A record holds the stage's status, a fingerprint of its inputs, its output files with size and sha256,
+its metrics and its time. A stage is *current* when its record says done, the fingerprint of today's
+inputs matches, and every output file still hashes to what was recorded: then a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1  # bump when an artifact's layout changes: older work directories are then redone
+
+
+def fingerprint(inputs: Any) -> str:
+    """sha256 of the canonical JSON of a stage's inputs."""
+    blob = json.dumps({"format": FORMAT, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_stat(paths: list[Path]) -> list[list]:
+    """(name, size, mtime) of files: the cheap fingerprint of large inputs, as make and rsync use."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(paths)]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it over ``path`` in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def describe_outputs(root: Path, files: list[Path]) -> dict[str, dict]:
+    """Output files relative to ``root``, with size and sha256."""
+    return {
+        str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(files)
+    }
+
+
+class Manifest:
+    """The stage records of one work directory (``manifest.json``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}  # absent or damaged: every stage is redone
+        if data.get("format") != FORMAT:
+            data = {}
+        self.stages: dict[str, dict] = data.get("stages", {})
+
+    def current(self, stage: str, fingerprint_: str, root: Path) -> dict | None:
+        """The stage's record if it is done, for these inputs, with its outputs intact; else None."""
+        record = self.stages.get(stage)
+        if not record or record.get("status") != "done" or record.get("fingerprint") != fingerprint_:
+            return None
+        for name, expected in record.get("outputs", {}).items():
+            path = root / name
+            if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+                return None
+        return record
+
+    def put(self, stage: str, record: dict) -> None:
+        self.stages[stage] = dict(record, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.write()
+
+    def drop(self, stage: str) -> None:
+        if self.stages.pop(stage, None) is not None:
+            self.write()
+
+    def write(self) -> None:
+        write_text_atomic(self.path, json.dumps({"format": FORMAT, "stages": self.stages}, indent=2, sort_keys=True))

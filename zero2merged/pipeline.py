@@ -1,0 +1,443 @@
+"""The stage order, the runner that skips what is still valid, and the library's two verbs.
+
+``convert`` runs inspect → consolidate → rebuild → load → merge → save. Each stage's inputs are
+fingerprinted (options, input file stats, the sha256 of the upstream artifacts) and its record kept in the
+work directory's manifest; a stage whose record matches and whose files still hash the same is skipped.
+Rebuild and load produce a model in memory only: they are redone whenever merge must run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zero2merged import names
+from zero2merged.errors import OutputError, Zero2MergedError
+from zero2merged.manifest import Manifest, describe_outputs, files_stat, fingerprint, write_text_atomic
+from zero2merged.modelfiles import files_in
+from zero2merged.parity import MERGE_TOLERANCE, SAVE_TOLERANCES, compare, outputs, probe_inputs
+from zero2merged.stages.consolidate import consolidate
+from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint, resolve_tag
+from zero2merged.stages.load import load_weights, read_consolidated
+from zero2merged.stages.merge import merge
+from zero2merged.stages.rebuild import base_config, base_dtype, load_base, rebuild
+from zero2merged.stages.save import DTYPES, save
+from zero2merged.zero import ZeroReader
+
+log = logging.getLogger(__name__)
+
+STAGES = ("inspect", "consolidate", "rebuild", "load", "merge", "save")
+
+
+@dataclass
+class StageReport:
+    """One stage of a run: ``ran`` or ``skipped`` (its earlier result still valid), its time and metrics."""
+
+    name: str
+    status: str
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did. ``stages`` lists all six in order."""
+
+    checkpoint: str
+    tag: str
+    output: str
+    work_dir: str
+    dtype: str
+    stages: list[StageReport]
+    warnings: list[str]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s.name for s in self.stages if s.status == "skipped"]
+
+    def stage(self, name: str) -> StageReport:
+        return next(s for s in self.stages if s.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"{self.checkpoint} [{self.tag}] -> {self.output} ({self.dtype})"]
+        for s in self.stages:
+            lines.append(f"  {s.name:12} {s.status:8} {s.seconds:8.2f} s  {_headline(s)}")
+        merge_parity = self.stage("merge").metrics.get("parity", {})
+        save_parity = self.stage("save").metrics.get("parity", {})
+        if merge_parity:
+            lines.append(f"  parity merged vs unmerged (fp32): max abs diff {merge_parity['max_abs_diff']:.3g}, "
+                         f"top-1 agreement {merge_parity['top1_agreement']:.4f}")
+        if save_parity:
+            lines.append(f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {save_parity['max_abs_diff']:.3g}, "
+                         f"top-1 agreement {save_parity['top1_agreement']:.4f}")
+        lines += [f"  note: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _headline(stage: StageReport) -> str:
+    m = stage.metrics
+    if stage.name == "inspect":
+        return f"ZeRO-{m.get('zero_stage')}, {m.get('world_size')} ranks, {m.get('dtype')}"
+    if stage.name == "consolidate":
+        return f"{m.get('trainable')} trainable + {m.get('frozen')} frozen tensors, {m.get('bytes', 0) / 1e6:.1f} MB"
+    if stage.name == "rebuild":
+        return f"{m.get('model_class')} wrapped by {m.get('peft_class')}"
+    if stage.name == "merge":
+        return "merge_and_unload, parity checked"
+    if stage.name == "load":
+        return f"{m.get('from_checkpoint')} tensors from the checkpoint, {m.get('from_base')} from the base"
+    if stage.name == "save":
+        return f"{m.get('files')} files, {m.get('bytes', 0) / 1e6:.1f} MB"
+    return ""
+
+
+class _Run:
+    """The manifest of one work directory and the reports of the stages run or skipped."""
+
+    def __init__(self, work_dir: Path, force: bool):
+        self.work_dir = work_dir
+        self.manifest = Manifest(work_dir / names.MANIFEST)
+        self.force = force
+        self.reports: list[StageReport] = []
+
+    def current(self, name: str, fp: str, root: Path | None = None) -> dict | None:
+        return None if self.force else self.manifest.current(name, fp, root or self.work_dir)
+
+    def skip(self, name: str, record: dict) -> None:
+        log.info("%s: skipped, its result is still valid", name)
+        self.reports.append(StageReport(name, "skipped", 0.0, record.get("metrics", {})))
+
+    def run(self, name: str, fp: str, body: Callable[[], tuple[Any, dict]], outputs: Callable[[], list[Path]],
+            root: Path | None = None) -> Any:
+        """Run one stage's ``body`` (returning ``(product, metrics)``) and record it with its output files."""
+        log.info("%s: running", name)
+        self.manifest.put(name, {"status": "running", "fingerprint": fp})
+        start = time.perf_counter()
+        product, metrics = body()
+        seconds = time.perf_counter() - start
+        record = {"status": "done", "fingerprint": fp, "outputs": describe_outputs(root or self.work_dir, outputs()),
+                  "metrics": metrics, "seconds": round(seconds, 3)}
+        self.manifest.put(name, record)
+        self.reports.append(StageReport(name, "ran", seconds, metrics))
+        log.info("%s: done in %.2f s", name, seconds)
+        return product
+
+    def digest(self, name: str) -> str:
+        """Fingerprint of a finished stage's output files (what the next stage consumes)."""
+        return fingerprint(self.manifest.stages[name]["outputs"])
+
+
+@contextlib.contextmanager
+def _locked(work_dir: Path) -> Iterator[None]:
+    """Hold the work directory's lock: a second run on it stops instead of corrupting the first."""
+    with open(work_dir / names.LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            raise OutputError(f"work directory {work_dir} is in use by another zero2merged run (pid {owner}); "
+                              "wait for it or pass another --work-dir") from e
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_paths(checkpoint: Path, output: Path, work_dir: Path) -> None:
+    for what, path in (("output", output), ("work directory", work_dir)):
+        if _is_within(path, checkpoint) or _is_within(checkpoint, path):
+            raise OutputError(f"the {what} {path} overlaps the checkpoint {checkpoint}; write it elsewhere")
+    if _is_within(work_dir, output) or _is_within(output, work_dir):
+        raise OutputError(f"the work directory {work_dir} and the output {output} must not contain each other")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"the output {output} exists and is not a directory")
+
+
+def _output_is_ours(run: _Run, output: Path) -> bool:
+    """Whether ``output`` holds exactly what this work directory's last save wrote there."""
+    record = run.manifest.stages.get("save", {})
+    return (record.get("status") == "done" and record.get("metrics", {}).get("output") == str(output)
+            and set(record.get("outputs", {})) == {str(p.relative_to(output)) for p in files_in(output)})
+
+
+def _base_fingerprint(base: str) -> Any:
+    path = Path(base)
+    return files_stat(files_in(path)) if path.is_dir() else base
+
+
+def _adapter_config_candidates(folder: Path, given: Path | str | None) -> list[Path]:
+    """The files stage 1 may read the LoRA config from (for the fingerprint)."""
+    if given:
+        given = Path(given).expanduser()
+        candidates = [given / names.ADAPTER_CONFIG if given.is_dir() else given]
+    else:
+        candidates = [folder / names.ADAPTER_CONFIG, folder.parent / names.ADAPTER_CONFIG]
+    return [p for p in candidates if p.is_file()]
+
+
+def _check_output_free(output: Path) -> None:
+    if output.is_dir() and any(output.iterdir()):
+        raise OutputError(f"the output {output} is not empty (never overwritten); choose a new --output or empty it")
+
+
+def convert(
+    checkpoint: Path | str,
+    output: Path | str,
+    *,
+    base_model: str | None = None,
+    tag: str | None = None,
+    adapter_config: Path | str | None = None,
+    dtype: str = "auto",
+    work_dir: Path | str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    ignore_base_mismatch: bool = False,
+) -> ConvertReport:
+    """Convert a DeepSpeed ZeRO checkpoint of a LoRA run into one merged, verified model folder.
+
+    When ``torch.distributed`` is initialized (inside a training job), rank 0 does the work and the other
+    ranks wait for it and get the same report (or the same error).
+
+    Args:
+        checkpoint: The folder holding ``latest`` (or a tag folder).
+        output: The merged model's folder; must not exist or be empty.
+        base_model: Base model path or hub id; default: the adapter config's ``base_model_name_or_path``.
+        tag: Tag to convert; default: the one ``latest`` names.
+        adapter_config: ``adapter_config.json`` (or its folder) if the checkpoint has none beside it.
+        dtype: Output dtype: ``auto`` (the base's), ``fp32``, ``bf16`` or ``fp16``.
+        work_dir: Where stage artifacts and the manifest live; default ``<output>.zero2merged-work``.
+        max_shard_size: Largest safetensors shard, e.g. ``"5GB"``.
+        force: Redo every stage even if its earlier result is still valid.
+        ignore_base_mismatch: Go on when saved frozen weights differ from the base's (use the checkpoint's).
+
+    Returns:
+        The run's report: each stage ran or skipped, times, parity figures.
+
+    Raises:
+        Zero2MergedError: bad input (one clear line) or a failed verification (VerificationError).
+    """
+    if dtype not in ("auto", *DTYPES):
+        raise OutputError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    options = dict(base_model=base_model, tag=tag, adapter_config=adapter_config, dtype=dtype, work_dir=work_dir,
+                   max_shard_size=max_shard_size, force=force, ignore_base_mismatch=ignore_base_mismatch)
+    return _on_rank_zero(lambda: _convert(Path(checkpoint), Path(output), **options))
+
+
+def _convert(checkpoint: Path, output: Path, *, base_model, tag, adapter_config, dtype, work_dir, max_shard_size,
+             force, ignore_base_mismatch) -> ConvertReport:
+    folder, tag, _ = resolve_tag(checkpoint, tag)
+    output = output.expanduser().resolve()
+    work = Path(work_dir).expanduser().resolve() if work_dir else output.with_name(output.name + names.WORK_SUFFIX)
+    _check_paths(folder, output, work)
+    work.mkdir(parents=True, exist_ok=True)
+    with _locked(work):
+        run = _Run(work, force)
+        if not _output_is_ours(run, output):
+            _check_output_free(output)  # up front, before any heavy work
+        conversion = _Conversion(run, folder, tag, output)
+        info = conversion.inspect(adapter_config=adapter_config, base_model=base_model)
+        conversion.consolidate(info)
+        conversion.merge(info, ignore_base_mismatch=ignore_base_mismatch)
+        out_dtype = conversion.save(info, dtype=dtype, max_shard_size=max_shard_size)
+    return ConvertReport(checkpoint=info.checkpoint, tag=info.tag, output=str(output), work_dir=str(work),
+                         dtype=out_dtype, stages=run.reports, warnings=info.warnings)
+
+
+class _Conversion:
+    """The six stages of one conversion, each run or skipped through the manifest."""
+
+    def __init__(self, run: _Run, folder: Path, tag: str, output: Path):
+        self.run, self.folder, self.tag, self.output = run, folder, tag, output
+        self.work = run.work_dir
+        # The rank files, by name, size and mtime: a new save under the same tag changes them.
+        self.tag_files = files_stat([p for p in (folder / tag).iterdir() if p.is_file()])
+
+    def inspect(self, *, adapter_config, base_model) -> CheckpointInfo:
+        # Cheap, but keyed on the files: a new save or a changed adapter config redoes everything after it.
+        fp = fingerprint({
+            "checkpoint": str(self.folder), "tag": self.tag, "base_model": base_model,
+            "files": self.tag_files,
+            "adapter_config": files_stat(_adapter_config_candidates(self.folder, adapter_config)),
+        })
+        path = self.work / names.INSPECT
+        if record := self.run.current("inspect", fp):
+            self.run.skip("inspect", record)
+            return CheckpointInfo.from_json(path.read_text())
+
+        def body():
+            info = inspect_checkpoint(self.folder, tag=self.tag, adapter_config=adapter_config, base_model=base_model)
+            write_text_atomic(path, info.to_json())
+            layout = info.layout
+            return info, {"zero_stage": layout.zero_stage, "world_size": layout.world_size, "dtype": layout.dtype,
+                          "trainable": len(layout.trainable_shapes), "frozen": len(layout.frozen),
+                          "frozen_saved": layout.frozen_source is not None}
+        return self.run.run("inspect", fp, body, lambda: [path])
+
+    def consolidate(self, info: CheckpointInfo) -> None:
+        path = self.work / names.CONSOLIDATED
+        # inspect.json holds shapes, not values: the rank files themselves are inputs here.
+        fp = fingerprint({"inspect": self.run.digest("inspect"), "files": self.tag_files})
+        if record := self.run.current("consolidate", fp):
+            self.run.skip("consolidate", record)
+        else:
+            self.run.run("consolidate", fp, lambda: (None, consolidate(info, path)), lambda: [path])
+
+    def merge(self, info: CheckpointInfo, *, ignore_base_mismatch: bool) -> None:
+        """Rebuild, load and merge: their model lives in memory only, so they are skipped or run together."""
+        run = self.run
+        fp_rebuild = fingerprint({"inspect": run.digest("inspect"), "base": _base_fingerprint(info.base_model)})
+        fp_load = fingerprint({"rebuild": fp_rebuild, "consolidated": run.digest("consolidate"),
+                               "ignore_base_mismatch": ignore_base_mismatch})
+        fp_merge = fingerprint({"load": fp_load, "tolerance": asdict(MERGE_TOLERANCE)})
+        records = [run.current(name, fp) for name, fp in (("rebuild", fp_rebuild), ("load", fp_load), ("merge", fp_merge))]
+        if all(records):
+            for name, record in zip(("rebuild", "load", "merge"), records):
+                run.skip(name, record)
+            return
+
+        rebuild_path, load_path = self.work / names.REBUILD, self.work / names.LOAD
+
+        def do_rebuild():
+            model, record = rebuild(info)
+            write_text_atomic(rebuild_path, _json(record))
+            return model, record
+
+        def do_load():
+            tensors = read_consolidated(self.work / names.CONSOLIDATED)
+            accounting = load_weights(model, tensors, info, ignore_base_mismatch=ignore_base_mismatch)
+            write_text_atomic(load_path, _json(accounting))
+            return None, accounting
+
+        model = run.run("rebuild", fp_rebuild, do_rebuild, lambda: [rebuild_path])
+        run.run("load", fp_load, do_load, lambda: [load_path])
+        run.run("merge", fp_merge, lambda: merge(model, self.work),
+                lambda: files_in(self.work / names.MERGED) + [self.work / names.PROBES])
+
+    def save(self, info: CheckpointInfo, *, dtype: str, max_shard_size) -> str:
+        """Write the output; returns the dtype it was written in."""
+        run = self.run
+        rebuilt = run.manifest.stages["rebuild"]["metrics"]
+        out_dtype = rebuilt["base_dtype"] if dtype == "auto" else dtype
+        tokenizer_sources = [self.folder, info.base_model]
+        fp = fingerprint({"merge": run.digest("merge"), "output": str(self.output), "dtype": out_dtype,
+                          "max_shard_size": max_shard_size, "tolerance": asdict(SAVE_TOLERANCES[out_dtype]),
+                          "tokenizer": [_base_fingerprint(str(s)) for s in tokenizer_sources]})
+        if record := run.current("save", fp, root=self.output):
+            run.skip("save", record)
+            return out_dtype
+        _check_output_free(self.output)
+
+        def body():
+            metrics = save(self.work, self.output, auto_class=rebuilt["auto_class"], dtype=out_dtype,
+                           max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources)
+            return None, {**metrics, "output": str(self.output)}
+        run.run("save", fp, body, lambda: files_in(self.output), root=self.output)
+        return out_dtype
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+@dataclass
+class VerifyReport:
+    """Parity of a merged model with the unmerged model rebuilt from the checkpoint."""
+
+    merged: str
+    checkpoint: str
+    tag: str
+    merged_dtype: str
+    parity: dict
+    tolerance: dict
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify(
+    merged: Path | str,
+    checkpoint: Path | str,
+    *,
+    base_model: str | None = None,
+    tag: str | None = None,
+    adapter_config: Path | str | None = None,
+) -> VerifyReport:
+    """Compare a merged model's outputs with the unmerged model rebuilt from the checkpoint.
+
+    The unmerged side is the base wrapped by PEFT with the checkpoint's weights (fp32 masters), read
+    straight from the rank files; both sides run in fp32 on the same probe inputs. The tolerance is the
+    one for the merged model's stored dtype.
+
+    Returns:
+        The report; ``passed`` says whether the parity is within tolerance.
+
+    Raises:
+        Zero2MergedError: the inputs cannot be read.
+    """
+    import torch
+
+    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model)
+    reader = ZeroReader(info.tag_dir, info.layout)
+    unmerged, rebuilt = rebuild(info)
+    tensors = (item for part in (reader.trainable(), reader.frozen(), reader.buffers()) for item in part)
+    load_weights(unmerged, tensors, info)
+    merged_dtype = base_dtype(base_config(str(merged)))
+    merged_model = load_base(rebuilt["auto_class"], str(merged), torch.float32)
+    inputs = probe_inputs(merged_model.config)
+    parity = compare(outputs(merged_model, inputs), outputs(unmerged, inputs))
+    tolerance = SAVE_TOLERANCES[merged_dtype]
+    try:
+        parity.check(tolerance, "merged vs unmerged")
+        passed = True
+    except Zero2MergedError:
+        passed = False
+    return VerifyReport(merged=str(Path(merged).resolve()), checkpoint=info.checkpoint, tag=info.tag,
+                        merged_dtype=merged_dtype, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
+
+
+def _on_rank_zero(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 of an initialized process group; the other ranks wait and get its result."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return work()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return work()
+    from datetime import timedelta
+
+    # A gloo group of its own: it carries Python objects whatever the job's backend, and its long timeout
+    # lets the waiting ranks outlast a conversion of a large model.
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", work())]
+        except Zero2MergedError as e:
+            box, error = [("error", e)], e
+        except BaseException as e:
+            box, error = [("error", Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {e}"))], e
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    kind, value = box[0]
+    if kind == "error":
+        raise (error or value)
+    return value

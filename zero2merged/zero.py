@@ -1,0 +1,324 @@
+"""Reading DeepSpeed ZeRO checkpoint files: safely, lazily, one parameter at a time.
+
+DeepSpeed's own reader (``deepspeed.utils.zero_to_fp32``) is the independent reference our tests compare
+against, but it is not what we run, because it unpickles with ``weights_only=False`` (a checkpoint file can
+run any code), loads the model-state files whole and concatenates ZeRO-3 frozen params eagerly (about twice
+the model in RAM), ignores the frozen params ZeRO-1 keeps in ``module`` and prints to stdout. The layout
+rules below are DeepSpeed's, restated: the key names come from ``deepspeed.checkpoint.constants``.
+
+Layout, in short. Trainable params live as fp32 master copies in the optimizer files, flattened per param
+group and split across ranks:
+
+* ZeRO-1/2: group ``g``'s flat vector is the ranks' ``single_partition_of_fp32_groups[g]`` concatenated;
+  params follow each other in ``param_shapes[g]`` order, each followed by its alignment padding.
+* ZeRO-3: every param is split on its own: each rank holds ``ceil(numel / world)`` elements of it, at the
+  same offset in that rank's ``fp32_flat_groups`` (all groups read as one sequence); the last rank's piece
+  is padded.
+
+Frozen params are saved by the model-state files in the training dtype: ZeRO-3 splits them like the
+trainable ones (``frozen_param_fragments``), ZeRO-2 keeps them whole there, ZeRO-1 keeps them only in
+``module``; with ``exclude_frozen_parameters`` none are saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from zero2merged import names
+from zero2merged.errors import CheckpointError
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.cache
+def allowed_globals() -> tuple[type, ...]:
+    """The only non-tensor classes DeepSpeed ZeRO checkpoints pickle: exactly these may be unpickled."""
+    # Imported here: importing deepspeed costs seconds and is needed only to read the files.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
+
+
+def load_pt(path: Path) -> dict:
+    """Load one checkpoint file memory-mapped, refusing any pickled object outside the allow-list.
+
+    Raises:
+        CheckpointError: the file is unreadable, truncated, or holds objects that are not allowed.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals())):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise CheckpointError(
+            f"{path} holds pickled objects that DeepSpeed checkpoints do not ({first}); refusing to load it"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]} "
+                              "(is the file truncated or still being written?)") from e
+
+
+def _rank_of(path: Path) -> int:
+    found = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    return int(found.group(1)) if found else 0
+
+
+def rank_files(tag_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The model-state and optimizer-state files of one tag, each sorted by rank."""
+    model = sorted(tag_dir.glob(names.MODEL_STATES_GLOB), key=_rank_of)
+    optim = sorted(tag_dir.glob(names.OPTIM_STATES_GLOB), key=_rank_of)
+    return model, optim
+
+
+@dataclass
+class ZeroLayout:
+    """What a ZeRO checkpoint tag holds, read from its metadata without touching any weights.
+
+    Attributes:
+        zero_stage: 1, 2 or 3.
+        world_size: Data-parallel ranks the masters are split across.
+        dtype: Training precision: ``bf16``, ``fp16`` or ``fp32``.
+        ds_version: DeepSpeed version that wrote the files.
+        global_step: Optimizer step of the save.
+        trainable: Trainable param name -> shape, per param group, in DeepSpeed's flattening order.
+        frozen: Saved frozen param name -> shape (empty when none were saved).
+        frozen_source: Where the frozen params are: ``frozen_param_fragments``, ``module`` or ``None``.
+        buffers: Persistent buffer name -> shape.
+        shared: Alias name -> name of the param it shares storage with.
+        model_files: Model-state files, by rank.
+        optim_files: Optimizer-state files, by rank.
+    """
+
+    zero_stage: int
+    world_size: int
+    dtype: str
+    ds_version: str | None
+    global_step: int | None
+    trainable: list[dict[str, list[int]]]
+    frozen: dict[str, list[int]]
+    frozen_source: str | None
+    buffers: dict[str, list[int]]
+    shared: dict[str, str] = field(default_factory=dict)
+    model_files: list[str] = field(default_factory=list)
+    optim_files: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_shapes(self) -> dict[str, list[int]]:
+        return {name: shape for group in self.trainable for name, shape in group.items()}
+
+
+def _shape(value) -> list[int]:
+    return [int(d) for d in value]
+
+
+def read_layout(tag_dir: Path) -> ZeroLayout:
+    """Read a tag folder's metadata: stage, world size, dtype, param tables.
+
+    Raises:
+        CheckpointError: files are missing, unreadable or inconsistent with each other.
+    """
+    from deepspeed.checkpoint import constants as k
+
+    model_files, optim_files = rank_files(tag_dir)
+    if not model_files or not optim_files:
+        found = ", ".join(sorted(p.name for p in tag_dir.iterdir())[:8]) or "nothing"
+        raise CheckpointError(
+            f"{tag_dir} holds no DeepSpeed ZeRO model/optimizer state files ({names.MODEL_STATES_GLOB}, "
+            f"{names.OPTIM_STATES_GLOB}); found: {found}"
+        )
+    states = load_pt(model_files[0])
+    optim = load_pt(optim_files[0]).get(k.OPTIMIZER_STATE_DICT, {})
+    if k.ZERO_STAGE not in optim or k.PARAM_SHAPES not in states:
+        raise CheckpointError(f"{tag_dir} is not a ZeRO checkpoint: no zero_stage in {optim_files[0].name}")
+    stage = int(optim[k.ZERO_STAGE])
+    count = optim[k.PARTITION_COUNT]
+    world = max(count) if isinstance(count, list) else int(count)
+    if len(optim_files) != world:
+        raise CheckpointError(
+            f"{tag_dir}: the checkpoint was split across {world} ranks but {len(optim_files)} optimizer "
+            "files are there; some rank's save is missing or an older save was partly overwritten"
+        )
+    expected_model_files = world if stage == 3 else 1
+    if len(model_files) != expected_model_files:
+        raise CheckpointError(
+            f"{tag_dir}: ZeRO-{stage} over {world} ranks writes {expected_model_files} model-state files, "
+            f"found {len(model_files)}"
+        )
+
+    trainable = [{name: _shape(s) for name, s in group.items()} for group in states[k.PARAM_SHAPES]]
+    trainable_names = {name for group in trainable for name in group}
+    buffer_names = set(states.get(k.BUFFER_NAMES) or [])
+    module = states.get("module") or {}
+    buffers = {name: _shape(t.shape) for name, t in module.items() if name in buffer_names}
+    frozen_shapes = states.get(k.FROZEN_PARAM_SHAPES)
+    if frozen_shapes:
+        frozen, source = {name: _shape(s) for name, s in frozen_shapes.items()}, k.FROZEN_PARAM_FRAGMENTS
+    else:
+        # ZeRO-1 keeps frozen params only in the 16-bit module state dict (ZeRO-3's module is empty).
+        frozen = {
+            name: _shape(t.shape)
+            for name, t in module.items()
+            if name not in trainable_names and name not in buffer_names and t.numel() > 0
+        }
+        source = "module" if frozen else None
+
+    return ZeroLayout(
+        zero_stage=stage,
+        world_size=world,
+        dtype=_training_dtype(optim_files[0], states, module),
+        ds_version=states.get(k.DS_VERSION),
+        global_step=states.get("global_steps"),
+        trainable=trainable,
+        frozen=frozen,
+        frozen_source=source,
+        buffers=buffers,
+        shared={str(a): str(b) for a, b in (states.get("shared_params") or {}).items()},
+        model_files=[p.name for p in model_files],
+        optim_files=[p.name for p in optim_files],
+    )
+
+
+def _training_dtype(optim_file: Path, states: dict, module: dict) -> str:
+    config = states.get("ds_config") or {}
+    for key in ("bf16", "fp16"):
+        if isinstance(config.get(key), dict) and config[key].get("enabled") is True:
+            return key
+    if optim_file.name.startswith("bf16_"):
+        return "bf16"
+    dtypes = {t.dtype for t in module.values() if t.is_floating_point()}
+    return DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
+
+
+class _FlatView:
+    """Several 1-D tensors read as one sequence (a group split across ranks, or a rank's groups)."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + part.numel())
+
+    @property
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, length: int) -> torch.Tensor:
+        pieces = []
+        for part, begin, end in zip(self.parts, self.starts, self.starts[1:]):
+            lo, hi = max(start, begin), min(start + length, end)
+            if lo < hi:
+                pieces.append(part.narrow(0, lo - begin, hi - lo))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+class ZeroReader:
+    """Yields a tag's tensors one at a time, each read from the memory-mapped rank files.
+
+    Args:
+        tag_dir: The tag folder (``global_stepN``).
+        layout: Its :func:`read_layout`.
+    """
+
+    def __init__(self, tag_dir: Path, layout: ZeroLayout):
+        self.tag_dir = tag_dir
+        self.layout = layout
+
+    @functools.cached_property
+    def _model_states(self) -> list[dict]:
+        return [load_pt(self.tag_dir / name) for name in self.layout.model_files]
+
+    def _masters(self) -> tuple[list[list[torch.Tensor]], list | None]:
+        """Per rank, per group: the flat fp32 master tensor (Adam moments are never read); and the
+        ZeRO-1/2 per-param alignment paddings."""
+        from deepspeed.checkpoint import constants as k
+
+        key = k.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else k.SINGLE_PARTITION_OF_FP32_GROUPS
+        groups, paddings = [], None
+        for rank, name in enumerate(self.layout.optim_files):
+            optim = load_pt(self.tag_dir / name)[k.OPTIMIZER_STATE_DICT]
+            groups.append([t.reshape(-1) for t in optim[key]])
+            if rank == 0:
+                paddings = optim.get(k.PARAM_ALIGNMENT_PADDINGS)
+        return groups, paddings
+
+    def trainable(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trainable params, from the fp32 masters. Sizes are checked before anything is yielded."""
+        masters, paddings = self._masters()
+        if self.layout.zero_stage == 3:
+            return self._zero3_trainable(masters)
+        return self._zero12_trainable(masters, paddings)
+
+    def _mismatch(self, needed, held) -> CheckpointError:
+        return CheckpointError(
+            f"{self.tag_dir}: the param table needs {needed} elements but the optimizer files hold {held}; "
+            "the model-state and optimizer files do not belong to the same save"
+        )
+
+    def _zero12_trainable(self, masters, paddings) -> Iterator[tuple[str, torch.Tensor]]:
+        # DeepSpeed pads each group to a multiple of 2 * world size (see zero_to_fp32's zero2_align).
+        align = 2 * self.layout.world_size
+        plan = []
+        for g, shapes in enumerate(self.layout.trainable):
+            flat = _FlatView([rank[g] for rank in masters])
+            offset, entries = 0, []
+            for i, (name, shape) in enumerate(shapes.items()):
+                entries.append((name, shape, offset))
+                offset += math.prod(shape) + (paddings[g][i] if paddings else 0)
+            if math.ceil(offset / align) != math.ceil(flat.numel / align):
+                raise self._mismatch(f"{offset} (group {g})", flat.numel)
+            plan.append((flat, entries))
+        for flat, entries in plan:
+            for name, shape, offset in entries:
+                yield name, flat.read(offset, math.prod(shape)).view(shape)
+
+    def _zero3_trainable(self, masters) -> Iterator[tuple[str, torch.Tensor]]:
+        world = self.layout.world_size
+        per_rank = [_FlatView(rank) for rank in masters]
+        needed = sum(math.ceil(math.prod(s) / world) for s in self.layout.trainable_shapes.values())
+        held = [view.numel for view in per_rank]
+        if any(h != needed for h in held):
+            raise self._mismatch(f"{needed} per rank", held)
+        offset = 0
+        for name, shape in self.layout.trainable_shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [view.read(offset, part) for view in per_rank]
+            yield name, torch.cat(pieces).narrow(0, 0, numel).view(shape)
+            offset += part
+
+    def frozen(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The saved frozen params, in the dtype they were saved in (no copy is made for ZeRO-1/2)."""
+        layout = self.layout
+        if layout.frozen_source is None:
+            return
+        if layout.frozen_source == "module":
+            module = self._model_states[0]["module"]
+            for name in layout.frozen:
+                yield name, module[name]
+            return
+        fragments = [states["frozen_param_fragments"] for states in self._model_states]
+        for name, shape in layout.frozen.items():
+            numel = math.prod(shape)
+            if layout.zero_stage == 3:
+                tensor = torch.cat([f[name].reshape(-1) for f in fragments]).narrow(0, 0, numel)
+            else:
+                tensor = fragments[0][name].reshape(-1)
+            if tensor.numel() != numel:
+                raise CheckpointError(f"{self.tag_dir}: frozen param {name} has {tensor.numel()} elements, "
+                                      f"its shape {shape} needs {numel}")
+            yield name, tensor.view(shape)
+
+    def buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        module = self._model_states[0]["module"]
+        for name in self.layout.buffers:
+            yield name, module[name]
