@@ -90,7 +90,7 @@ def _headline(stage: StageReport) -> str:
     if stage.name == "inspect":
         return f"ZeRO-{m.get('zero_stage')}, {m.get('world_size')} ranks, {m.get('dtype')}"
     if stage.name == "consolidate":
-        return f"{m.get('trainable')} trainable + {m.get('frozen')} frozen tensors, {m.get('bytes', 0) / 1e6:.1f} MB"
+        return f"{m.get('trainable')} trainable + {m.get('frozen')} frozen tensors, {_size(m.get('bytes', 0))}"
     if stage.name == "rebuild":
         return f"{m.get('model_class')} wrapped by {m.get('peft_class')}"
     if stage.name == "merge":
@@ -98,8 +98,16 @@ def _headline(stage: StageReport) -> str:
     if stage.name == "load":
         return f"{m.get('from_checkpoint')} tensors from the checkpoint, {m.get('from_base')} from the base"
     if stage.name == "save":
-        return f"{m.get('files')} files, {m.get('bytes', 0) / 1e6:.1f} MB"
+        return f"{m.get('files')} files, {_size(m.get('bytes', 0))}"
     return ""
+
+
+def _size(count: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB")
+    step = 0
+    while count >= 1000 and step < len(units) - 1:
+        count, step = count / 1000, step + 1
+    return f"{count:.0f} B" if step == 0 else f"{count:.1f} {units[step]}"
 
 
 class _Run:
@@ -115,13 +123,13 @@ class _Run:
         return None if self.force else self.manifest.current(name, fp, root or self.work_dir)
 
     def skip(self, name: str, record: dict) -> None:
-        log.info("%s: skipped, its result is still valid", name)
+        log.info("%s: skipped (its result is still valid)", name)
         self.reports.append(StageReport(name, "skipped", 0.0, record.get("metrics", {})))
 
     def run(self, name: str, fp: str, body: Callable[[], tuple[Any, dict]], outputs: Callable[[], list[Path]],
             root: Path | None = None) -> Any:
         """Run one stage's ``body`` (returning ``(product, metrics)``) and record it with its output files."""
-        log.info("%s: running", name)
+        log.info("%s: running (stage %d of %d)", name, STAGES.index(name) + 1, len(STAGES))
         self.manifest.put(name, {"status": "running", "fingerprint": fp})
         start = time.perf_counter()
         product, metrics = body()

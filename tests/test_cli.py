@@ -1,0 +1,84 @@
+"""The command line: help everywhere, one-line errors with the right exit codes, JSON that parses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from zero2merged.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _commands():
+    return list(main.commands.items())
+
+
+@pytest.mark.parametrize("name,command", _commands())
+def test_every_command_and_option_has_help(name, command):
+    assert command.help and command.help.strip(), name
+    assert "Example" in command.help, name
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{name} {param.opts}"
+    result = _run(name, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_version_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "zero2merged", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and "version" in done.stdout
+
+
+def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
+    result = _run("convert", tmp_path, "--output", tmp_path.parent / "out")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "not a DeepSpeed checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output and not (tmp_path.parent / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = _run("--debug", "inspect", tmp_path)
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "CheckpointError"
+
+
+def test_usage_error_exit_2(tmp_path):
+    assert _run("convert", tmp_path).exit_code == 2  # --output missing
+    assert _run("convert", tmp_path, "-o", tmp_path / "x", "--dtype", "int8").exit_code == 2
+
+
+@pytest.mark.slow
+def test_inspect_readable_and_json(trained):
+    fixture = trained("trainer-z3-bf16")
+    result = _run("inspect", fixture.checkpoint)
+    assert result.exit_code == 0
+    assert "stage 3, 2 ranks, bf16" in result.output and "not saved: taken from the base" in result.output
+    data = json.loads(_run("inspect", fixture.checkpoint, "--json").output)
+    assert data["layout"]["zero_stage"] == 3 and data["tag"] == "global_step6"
+
+
+@pytest.mark.slow
+def test_convert_then_verify_pass_and_fail(trained, tmp_path):
+    fixture = trained("engine-z3-bf16")
+    result = _run("convert", fixture.checkpoint, "-o", tmp_path / "merged", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [s["status"] for s in report["stages"]] == ["ran"] * 6
+
+    passed = _run("verify", tmp_path / "merged", "--checkpoint", fixture.checkpoint)
+    assert passed.exit_code == 0
+    assert json.loads(passed.stdout)["passed"] is True and passed.stderr.startswith("PASS")
+
+    # The bare base is not the merged model: verify says so with exit code 1.
+    failed = _run("verify", fixture.base, "--checkpoint", fixture.checkpoint)
+    assert failed.exit_code == 1
+    assert json.loads(failed.stdout)["passed"] is False and failed.stderr.startswith("FAIL")

@@ -1,0 +1,107 @@
+"""The ZeRO reader against DeepSpeed's own consolidation, and its refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fixtures import SPECS
+from tests.helpers import base_state, reference_consolidated
+from zero2merged.errors import CheckpointError
+from zero2merged.stages.inspect import resolve_tag
+from zero2merged.zero import ZeroReader, load_pt, rank_files, read_layout
+
+FIXTURES = [name for name in SPECS if name != "demo"]
+
+
+def _reader(fixture):
+    folder, tag, _ = resolve_tag(fixture.checkpoint, None)
+    return ZeroReader(folder / tag, read_layout(folder / tag))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIXTURES)
+def test_reader_matches_deepspeed_tensor_for_tensor(trained, name):
+    fixture = trained(name)
+    reader = _reader(fixture)
+    ours = {**dict(reader.trainable()), **dict(reader.frozen()), **dict(reader.buffers())}
+    reference = reference_consolidated(fixture.checkpoint)
+    assert set(reference) <= set(ours)
+    for key, tensor in reference.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+    for key in reader.layout.trainable_shapes:
+        assert ours[key].dtype == torch.float32  # the masters, not the 16-bit copies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIXTURES)
+def test_layout_detected(trained, name):
+    spec = SPECS[name]
+    layout = _reader(trained(name)).layout
+    assert (layout.zero_stage, layout.world_size, layout.dtype) == (spec.zero_stage, spec.world_size, spec.dtype)
+    saves_frozen = spec.layout == "engine" and not spec.exclude_frozen
+    expected_source = ("module" if spec.zero_stage == 1 else "frozen_param_fragments") if saves_frozen else None
+    assert layout.frozen_source == expected_source
+    assert layout.global_step == spec.steps
+    assert all(".lora_" in name for name in layout.trainable_shapes)
+
+
+@pytest.mark.slow
+def test_zero1_frozen_params_come_from_module_where_deepspeed_drops_them(trained):
+    fixture = trained("engine-z1-bf16")
+    reader = _reader(fixture)
+    frozen = dict(reader.frozen())
+    assert set(frozen).isdisjoint(reference_consolidated(fixture.checkpoint))  # zero_to_fp32 drops them all
+    base = base_state(fixture)
+    assert len(frozen) == len(base)
+    for key, tensor in frozen.items():
+        plain = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        assert torch.equal(tensor, base[plain].to(tensor.dtype)), key
+
+
+@pytest.fixture
+def tag_copy(trained, tmp_path):
+    """A writable copy of a ZeRO-3 checkpoint's tag folder."""
+    fixture = trained("engine-z3-bf16")
+    folder, tag, _ = resolve_tag(fixture.checkpoint, None)
+    copy = tmp_path / tag
+    shutil.copytree(folder / tag, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_missing_rank_file_is_named(tag_copy):
+    _, optim = rank_files(tag_copy)
+    optim[-1].unlink()
+    with pytest.raises(CheckpointError, match="2 ranks but 1 optimizer files"):
+        read_layout(tag_copy)
+
+
+@pytest.mark.slow
+def test_truncated_file_is_named(tag_copy):
+    _, optim = rank_files(tag_copy)
+    optim[1].write_bytes(optim[1].read_bytes()[:1000])
+    layout = read_layout(tag_copy)  # rank 0's metadata is intact
+    with pytest.raises(CheckpointError, match=optim[1].name):
+        dict(ZeroReader(tag_copy, layout).trainable())
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "payload": _RunsACommand(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_pt(evil)
+    assert not marker.exists()
