@@ -25,18 +25,34 @@ def reference_consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
 def reference_merged(fixture: Fixture) -> dict[str, torch.Tensor]:
     """DeepSpeed's consolidation + PEFT's merge in fp32, from the fixture's own spec.
 
-    Nothing here goes through zero2merged: the LoraConfig comes from the spec the run was trained with,
-    the weights from DeepSpeed's reader, the frozen params it does not return from the base.
+    Nothing here goes through zero2merged: the LoraConfig comes from the spec the run was trained with
+    (and the vocabulary is grown as the run grew it), the weights from DeepSpeed's reader, the frozen
+    params it does not return from the base.
     """
+    return {name: tensor.detach().clone() for name, tensor in reference_model(fixture).state_dict().items()}
+
+
+def reference_model(fixture: Fixture):
+    """The merged model of :func:`reference_merged`, as a module (ties intact)."""
     from peft import LoraConfig, get_peft_model
 
+    spec = fixture.spec
     state = reference_consolidated(fixture.checkpoint)
-    base = auto_class(fixture.spec.task).from_pretrained(fixture.base, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(**fixture.spec.lora))
+    base = auto_class(spec.task).from_pretrained(fixture.base, dtype=torch.float32)
+    if spec.add_tokens:
+        base.resize_token_embeddings(base.get_input_embeddings().weight.shape[0] + spec.add_tokens)
+    model = get_peft_model(base, LoraConfig(**spec.lora))
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     assert not result.unexpected_keys
-    merged = model.merge_and_unload()
-    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}
+    return model.merge_and_unload()
+
+
+def tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names that share storage, grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(tensor.data_ptr(), []).append(name)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
 def base_state(fixture: Fixture) -> dict[str, torch.Tensor]:
@@ -61,6 +77,19 @@ def assert_within_one_rounding(ours: torch.Tensor, reference: torch.Tensor, name
     error = (ours.float() - reference).abs()
     worst = (error / ulp).max().item()
     assert worst <= 1.0, f"{name}: {worst:.2f} ulp from the fp32 reference"
+
+
+def live_outputs(fixture: Fixture) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The probe inputs and the live engine's main output on them, recorded at training time."""
+    recorded = load_file(fixture.live_outputs)
+    return recorded, recorded.pop("outputs")
+
+
+def main_output(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        output = model(**inputs)
+    value = getattr(output, "logits", None)
+    return (value if value is not None else output.last_hidden_state).float()
 
 
 def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:

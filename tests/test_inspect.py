@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -19,13 +20,6 @@ def test_not_a_directory(tmp_path):
 
 def test_empty_directory_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a DeepSpeed checkpoint"):
-        resolve_tag(tmp_path, None)
-
-
-def test_run_directory_suggests_the_checkpoint_inside(tmp_path):
-    (tmp_path / "checkpoint-500").mkdir()
-    (tmp_path / "checkpoint-500" / "latest").write_text("global_step500")
-    with pytest.raises(CheckpointError, match="did you mean .*checkpoint-500"):
         resolve_tag(tmp_path, None)
 
 
@@ -67,6 +61,28 @@ def test_tag_folder_itself_and_explicit_tag(trained):
     assert inspect_checkpoint(fixture.checkpoint, tag=by_latest.tag) == by_latest
     with pytest.raises(CheckpointError, match="tags found: global_step6"):
         inspect_checkpoint(fixture.checkpoint, tag="global_step99")
+
+
+@pytest.mark.slow
+def test_run_folder_with_several_checkpoints(trained):
+    fixture = trained("trainer-z3-bf16")  # run/checkpoint-3 and run/checkpoint-6
+    newest = inspect_checkpoint(fixture.run_dir)
+    assert (Path(newest.checkpoint).name, newest.tag) == ("checkpoint-6", "global_step6")
+    assert newest.checkpoints == ["checkpoint-3", "checkpoint-6"]
+    for tag in ("checkpoint-3", "global_step3"):
+        chosen = inspect_checkpoint(fixture.run_dir, tag=tag)
+        assert (Path(chosen.checkpoint).name, chosen.tag) == ("checkpoint-3", "global_step3")
+    with pytest.raises(CheckpointError, match="checkpoints: checkpoint-3, checkpoint-6"):
+        inspect_checkpoint(fixture.run_dir, tag="global_step9")
+
+
+@pytest.mark.slow
+def test_several_tags_in_one_folder(trained):
+    fixture = trained("multi-tag-z2")  # global_step3 and global_step6, latest -> global_step6
+    info = inspect_checkpoint(fixture.checkpoint)
+    assert (info.tag, info.tags) == ("global_step6", ["global_step3", "global_step6"])
+    assert inspect_checkpoint(fixture.checkpoint, tag="global_step3").layout.global_step == 3
+    assert info.adapter_config_path == str(fixture.root / "adapter_config.json")  # found in the parent
 
 
 @pytest.mark.slow

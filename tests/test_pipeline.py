@@ -61,7 +61,7 @@ def test_a_new_save_under_the_same_tag_is_converted_again(trained, tmp_path):
         shutil.copyfile(source, checkpoint / "global_step3" / source.name)
     redo = zero2merged.convert(checkpoint, tmp_path / "b", work_dir=work)
     assert redo.skipped == []
-    direct = zero2merged.convert(late, tmp_path / "c")
+    zero2merged.convert(late, tmp_path / "c")
     b, c = saved_state(tmp_path / "b"), saved_state(tmp_path / "c")
     assert all(torch.equal(b[k], c[k]) for k in c)
     a = saved_state(tmp_path / "a")

@@ -18,8 +18,10 @@ from zero2merged.errors import (
     VerificationError,
     Zero2MergedError,
 )
-from zero2merged.pipeline import STAGES, ConvertReport, StageReport, VerifyReport, convert, verify
+from zero2merged.export import ExportReport, export_adapter
+from zero2merged.pipeline import STAGES, ConvertReport, StageReport, convert
 from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint
+from zero2merged.verify import VerifyReport, verify
 
 try:
     __version__ = version("zero2merged")
@@ -33,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "ConvertReport",
+    "ExportReport",
     "OutputError",
     "StageReport",
     "VerificationError",
@@ -40,6 +43,7 @@ __all__ = [
     "Zero2MergedError",
     "__version__",
     "convert",
+    "export_adapter",
     "inspect_checkpoint",
     "verify",
 ]

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -67,20 +68,28 @@ adapter_config_option = click.option(
 )
 
 
+def inference_options(command):
+    """--lora-alpha and --use-rslora: for runs that saved no adapter_config.json."""
+    command = click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling.")(command)
+    return click.option("--lora-alpha", type=float,
+                        help="No adapter config anywhere: infer it from the checkpoint's keys, with this lora_alpha.")(command)
+
+
 @main.command()
 @checkpoint_argument
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the merged model (new or empty).")
 @base_model_option
 @tag_option
 @adapter_config_option
+@inference_options
 @click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True, help="Output dtype; auto = the base's.")
 @click.option("--work-dir", type=click.Path(), help="Stage artifacts and manifest [default: OUTPUT.zero2merged-work].")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those whose results are still valid.")
 @click.option("--ignore-base-mismatch", is_flag=True, help="Go on when saved frozen weights differ from the base's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(checkpoint, output, base_model, tag, adapter_config, dtype, work_dir, max_shard_size, force,
-            ignore_base_mismatch, as_json) -> None:
+def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, dtype, work_dir,
+            max_shard_size, force, ignore_base_mismatch, as_json) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
 
     \b
@@ -90,7 +99,7 @@ def convert(checkpoint, output, base_model, tag, adapter_config, dtype, work_dir
     from zero2merged.pipeline import convert as run_convert
 
     report = run_convert(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
-                         dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
+                         lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
                          ignore_base_mismatch=ignore_base_mismatch)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
@@ -100,8 +109,9 @@ def convert(checkpoint, output, base_model, tag, adapter_config, dtype, work_dir
 @tag_option
 @adapter_config_option
 @base_model_option
+@inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
-def inspect(checkpoint, tag, adapter_config, base_model, as_json) -> None:
+def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora, as_json) -> None:
     """Show what CHECKPOINT holds and what a conversion would use.
 
     \b
@@ -110,7 +120,8 @@ def inspect(checkpoint, tag, adapter_config, base_model, as_json) -> None:
     """
     from zero2merged.stages.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model)
+    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model,
+                              lora_alpha=lora_alpha, use_rslora=use_rslora)
     click.echo(info.to_json() if as_json else format_info(info))
 
 
@@ -121,7 +132,8 @@ def inspect(checkpoint, tag, adapter_config, base_model, as_json) -> None:
 @base_model_option
 @tag_option
 @adapter_config_option
-def verify(merged, checkpoint, base_model, tag, adapter_config) -> None:
+@inference_options
+def verify(merged, checkpoint, base_model, tag, adapter_config, lora_alpha, use_rslora) -> None:
     """Check that MERGED behaves like the unmerged model of CHECKPOINT; print a JSON report.
 
     Exit code 0 when the parity is within tolerance, 1 when not.
@@ -130,9 +142,10 @@ def verify(merged, checkpoint, base_model, tag, adapter_config) -> None:
     Example:
         zero2merged verify merged --checkpoint run/checkpoint-500
     """
-    from zero2merged.pipeline import verify as run_verify
+    from zero2merged.verify import verify as run_verify
 
-    report = run_verify(merged, checkpoint, base_model=base_model, tag=tag, adapter_config=adapter_config)
+    report = run_verify(merged, checkpoint, base_model=base_model, tag=tag, adapter_config=adapter_config,
+                        lora_alpha=lora_alpha, use_rslora=use_rslora)
     click.echo(json.dumps(report.to_dict(), indent=2))
     p = report.parity
     verdict = "PASS" if report.passed else "FAIL"
@@ -142,26 +155,66 @@ def verify(merged, checkpoint, base_model, tag, adapter_config) -> None:
         sys.exit(1)
 
 
+@main.command("export-adapter")
+@checkpoint_argument
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the adapter (new or empty).")
+@base_model_option
+@tag_option
+@adapter_config_option
+@inference_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_adapter(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, as_json) -> None:
+    """Write CHECKPOINT's adapter as a PEFT adapter folder, from the fp32 masters.
+
+    The folder (adapter_config.json + adapter_model.safetensors) loads with PeftModel.from_pretrained;
+    it is checked to reproduce the trained model's outputs before it is put in place.
+
+    \b
+    Example:
+        zero2merged export-adapter run/checkpoint-500 --output adapter
+    """
+    from zero2merged.export import export_adapter as run_export
+
+    report = run_export(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
+                        lora_alpha=lora_alpha, use_rslora=use_rslora)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
+                   f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}")
+
+
+def _targets(lora: dict) -> str:
+    targets = lora.get("target_modules")
+    if not isinstance(targets, list):
+        return str(targets)
+    leaves = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
+    return ", ".join(sorted(leaves)) + (f" ({len(targets)} modules)" if len(leaves) != len(targets) else "")
+
+
 def format_info(info) -> str:
     """Stage 1's findings as a readable block."""
     layout = info.layout
     trainable = sum(math.prod(s) for s in layout.trainable_shapes.values())
     frozen = sum(math.prod(s) for s in layout.frozen.values())
     lora = info.lora_config
-    targets = lora.get("target_modules")
-    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     saved = f"saved ({layout.frozen_source})" if layout.frozen_source else "not saved: taken from the base"
+    chosen = Path(info.checkpoint).name
     rows = [
+        ("checkpoints", ", ".join(f"{c} (chosen)" if c == chosen else c for c in info.checkpoints)),
         ("checkpoint", info.checkpoint),
         ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
         ("step", layout.global_step),
         ("ZeRO", f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}"),
         ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params (fp32 masters)"),
         ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, {saved}"),
-        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha')}, targets {targets}, adapter '{info.adapter_name}'"),
+        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha'):g}, targets {_targets(lora)}, "
+                 f"adapter '{info.adapter_name}'"),
         ("LoRA config", info.adapter_config_path),
         ("base model", info.base_model),
     ]
-    lines = [f"{name:12} {value}" for name, value in rows]
+    rows += [("detected" if i == 0 else "", feature) for i, feature in enumerate(info.features)]
+    rows += [("inferred" if i == 0 else "", note) for i, note in enumerate(info.inferred)]
+    lines = [f"{name:12} {value}" for name, value in rows if value not in ("", None)]
     lines += [f"note: {w}" for w in info.warnings]
     return "\n".join(lines)

@@ -66,7 +66,7 @@ def probe_inputs(config, batch: int = PROBE_BATCH, length: int = PROBE_LENGTH, s
     ids = torch.randint(0, text.vocab_size, (batch, length), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids[:, : max(1, length // 2)]
+        inputs["decoder_input_ids"] = ids[:, : max(1, length // 2)].clone()
     return inputs
 
 

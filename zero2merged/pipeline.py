@@ -1,4 +1,4 @@
-"""The stage order, the runner that skips what is still valid, and the library's two verbs.
+"""The stage order, and the runner that skips what is still valid.
 
 ``convert`` runs inspect → consolidate → rebuild → load → merge → save. Each stage's inputs are
 fingerprinted (options, input file stats, the sha256 of the upstream artifacts) and its record kept in the
@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from zero2merged import names
-from zero2merged.errors import OutputError, Zero2MergedError
+from zero2merged.errors import OutputError
 from zero2merged.manifest import Manifest, describe_outputs, files_stat, fingerprint, write_text_atomic
 from zero2merged.modelfiles import files_in
-from zero2merged.parity import MERGE_TOLERANCE, SAVE_TOLERANCES, compare, outputs, probe_inputs
+from zero2merged.distributed import on_rank_zero
+from zero2merged.parity import MERGE_TOLERANCE, SAVE_TOLERANCES
 from zero2merged.stages.consolidate import consolidate
 from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint, resolve_tag
 from zero2merged.stages.load import load_weights, read_consolidated
 from zero2merged.stages.merge import merge
-from zero2merged.stages.rebuild import base_config, base_dtype, load_base, rebuild
+from zero2merged.stages.rebuild import rebuild
 from zero2merged.stages.save import DTYPES, save
-from zero2merged.zero import ZeroReader
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,8 @@ def convert(
     base_model: str | None = None,
     tag: str | None = None,
     adapter_config: Path | str | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
     dtype: str = "auto",
     work_dir: Path | str | None = None,
     max_shard_size: str | int = "5GB",
@@ -229,6 +231,8 @@ def convert(
         base_model: Base model path or hub id; default: the adapter config's ``base_model_name_or_path``.
         tag: Tag to convert; default: the one ``latest`` names.
         adapter_config: ``adapter_config.json`` (or its folder) if the checkpoint has none beside it.
+        lora_alpha: With no adapter config anywhere, infer one from the checkpoint's keys with this alpha.
+        use_rslora: With ``lora_alpha``: the run used rsLoRA scaling.
         dtype: Output dtype: ``auto`` (the base's), ``fp32``, ``bf16`` or ``fp16``.
         work_dir: Where stage artifacts and the manifest live; default ``<output>.zero2merged-work``.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``.
@@ -243,14 +247,16 @@ def convert(
     """
     if dtype not in ("auto", *DTYPES):
         raise OutputError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    options = dict(base_model=base_model, tag=tag, adapter_config=adapter_config, dtype=dtype, work_dir=work_dir,
-                   max_shard_size=max_shard_size, force=force, ignore_base_mismatch=ignore_base_mismatch)
-    return _on_rank_zero(lambda: _convert(Path(checkpoint), Path(output), **options))
+    lora = dict(base_model=base_model, adapter_config=adapter_config, lora_alpha=lora_alpha, use_rslora=use_rslora)
+    options = dict(tag=tag, lora=lora, dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
+                   ignore_base_mismatch=ignore_base_mismatch)
+    return on_rank_zero(lambda: _convert(Path(checkpoint), Path(output), **options))
 
 
-def _convert(checkpoint: Path, output: Path, *, base_model, tag, adapter_config, dtype, work_dir, max_shard_size,
-             force, ignore_base_mismatch) -> ConvertReport:
-    folder, tag, _ = resolve_tag(checkpoint, tag)
+def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_shard_size, force,
+             ignore_base_mismatch) -> ConvertReport:
+    where = resolve_tag(checkpoint, tag)
+    folder, tag = where.folder, where.tag
     output = output.expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir else output.with_name(output.name + names.WORK_SUFFIX)
     _check_paths(folder, output, work)
@@ -260,7 +266,7 @@ def _convert(checkpoint: Path, output: Path, *, base_model, tag, adapter_config,
         if not _output_is_ours(run, output):
             _check_output_free(output)  # up front, before any heavy work
         conversion = _Conversion(run, folder, tag, output)
-        info = conversion.inspect(adapter_config=adapter_config, base_model=base_model)
+        info = conversion.inspect(**lora)
         conversion.consolidate(info)
         conversion.merge(info, ignore_base_mismatch=ignore_base_mismatch)
         out_dtype = conversion.save(info, dtype=dtype, max_shard_size=max_shard_size)
@@ -277,11 +283,11 @@ class _Conversion:
         # The rank files, by name, size and mtime: a new save under the same tag changes them.
         self.tag_files = files_stat([p for p in (folder / tag).iterdir() if p.is_file()])
 
-    def inspect(self, *, adapter_config, base_model) -> CheckpointInfo:
+    def inspect(self, *, adapter_config, **options) -> CheckpointInfo:
+        """Stage 1; ``options``: base_model, lora_alpha, use_rslora (see :func:`inspect_checkpoint`)."""
         # Cheap, but keyed on the files: a new save or a changed adapter config redoes everything after it.
         fp = fingerprint({
-            "checkpoint": str(self.folder), "tag": self.tag, "base_model": base_model,
-            "files": self.tag_files,
+            "checkpoint": str(self.folder), "tag": self.tag, "options": options, "files": self.tag_files,
             "adapter_config": files_stat(_adapter_config_candidates(self.folder, adapter_config)),
         })
         path = self.work / names.INSPECT
@@ -290,7 +296,7 @@ class _Conversion:
             return CheckpointInfo.from_json(path.read_text())
 
         def body():
-            info = inspect_checkpoint(self.folder, tag=self.tag, adapter_config=adapter_config, base_model=base_model)
+            info = inspect_checkpoint(self.folder, tag=self.tag, adapter_config=adapter_config, **options)
             write_text_atomic(path, info.to_json())
             layout = info.layout
             return info, {"zero_stage": layout.zero_stage, "world_size": layout.world_size, "dtype": layout.dtype,
@@ -325,15 +331,16 @@ class _Conversion:
         def do_rebuild():
             model, record = rebuild(info)
             write_text_atomic(rebuild_path, _json(record))
-            return model, record
+            return (model, record), record
 
         def do_load():
             tensors = read_consolidated(self.work / names.CONSOLIDATED)
-            accounting = load_weights(model, tensors, info, ignore_base_mismatch=ignore_base_mismatch)
+            accounting = load_weights(model, tensors, info, resized_vocab=rebuilt["resized_vocab"],
+                                      ignore_base_mismatch=ignore_base_mismatch)
             write_text_atomic(load_path, _json(accounting))
             return None, accounting
 
-        model = run.run("rebuild", fp_rebuild, do_rebuild, lambda: [rebuild_path])
+        model, rebuilt = run.run("rebuild", fp_rebuild, do_rebuild, lambda: [rebuild_path])
         run.run("load", fp_load, do_load, lambda: [load_path])
         run.run("merge", fp_merge, lambda: merge(model, self.work),
                 lambda: files_in(self.work / names.MERGED) + [self.work / names.PROBES])
@@ -362,90 +369,3 @@ class _Conversion:
 
 def _json(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
-
-
-@dataclass
-class VerifyReport:
-    """Parity of a merged model with the unmerged model rebuilt from the checkpoint."""
-
-    merged: str
-    checkpoint: str
-    tag: str
-    merged_dtype: str
-    parity: dict
-    tolerance: dict
-    passed: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def verify(
-    merged: Path | str,
-    checkpoint: Path | str,
-    *,
-    base_model: str | None = None,
-    tag: str | None = None,
-    adapter_config: Path | str | None = None,
-) -> VerifyReport:
-    """Compare a merged model's outputs with the unmerged model rebuilt from the checkpoint.
-
-    The unmerged side is the base wrapped by PEFT with the checkpoint's weights (fp32 masters), read
-    straight from the rank files; both sides run in fp32 on the same probe inputs. The tolerance is the
-    one for the merged model's stored dtype.
-
-    Returns:
-        The report; ``passed`` says whether the parity is within tolerance.
-
-    Raises:
-        Zero2MergedError: the inputs cannot be read.
-    """
-    import torch
-
-    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model)
-    reader = ZeroReader(info.tag_dir, info.layout)
-    unmerged, rebuilt = rebuild(info)
-    tensors = (item for part in (reader.trainable(), reader.frozen(), reader.buffers()) for item in part)
-    load_weights(unmerged, tensors, info)
-    merged_dtype = base_dtype(base_config(str(merged)))
-    merged_model = load_base(rebuilt["auto_class"], str(merged), torch.float32)
-    inputs = probe_inputs(merged_model.config)
-    parity = compare(outputs(merged_model, inputs), outputs(unmerged, inputs))
-    tolerance = SAVE_TOLERANCES[merged_dtype]
-    try:
-        parity.check(tolerance, "merged vs unmerged")
-        passed = True
-    except Zero2MergedError:
-        passed = False
-    return VerifyReport(merged=str(Path(merged).resolve()), checkpoint=info.checkpoint, tag=info.tag,
-                        merged_dtype=merged_dtype, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
-
-
-def _on_rank_zero(work: Callable[[], Any]) -> Any:
-    """Run ``work`` on rank 0 of an initialized process group; the other ranks wait and get its result."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch without distributed support
-        return work()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return work()
-    from datetime import timedelta
-
-    # A gloo group of its own: it carries Python objects whatever the job's backend, and its long timeout
-    # lets the waiting ranks outlast a conversion of a large model.
-    group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
-    box: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", work())]
-        except Zero2MergedError as e:
-            box, error = [("error", e)], e
-        except BaseException as e:
-            box, error = [("error", Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {e}"))], e
-    dist.broadcast_object_list(box, src=0, group=group)
-    dist.destroy_process_group(group)
-    kind, value = box[0]
-    if kind == "error":
-        raise (error or value)
-    return value

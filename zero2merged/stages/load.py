@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from zero2merged import names
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.stages.inspect import CheckpointInfo
 
@@ -26,7 +27,12 @@ def read_consolidated(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_weights(
-    model, tensors: Iterable[tuple[str, torch.Tensor]], info: CheckpointInfo, *, ignore_base_mismatch: bool = False
+    model,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    info: CheckpointInfo,
+    *,
+    resized_vocab: dict | None = None,
+    ignore_base_mismatch: bool = False,
 ) -> dict:
     """Stage 4: copy the checkpoint's tensors into ``model`` (the wrapper from stage 3).
 
@@ -35,6 +41,8 @@ def load_weights(
         tensors: ``(name, tensor)`` pairs: :func:`read_consolidated` of stage 2's file, or a
             :class:`~zero2merged.zero.ZeroReader`'s tensors straight from the checkpoint.
         info: Stage 1's result.
+        resized_vocab: Stage 3's record of a vocabulary resized to the checkpoint's (``from``, ``to``,
+            ``modules``): the base's values then exist only for the first ``from`` rows.
         ignore_base_mismatch: Use the checkpoint's frozen weights even where they differ from the base's.
 
     Returns:
@@ -47,6 +55,7 @@ def load_weights(
     """
     state = model.state_dict()
     frozen = info.layout.frozen
+    resized = _resized_keys(state, resized_vocab)
     mismatched: list[tuple[str, float]] = []
     keys = []
     for key, tensor in tensors:
@@ -57,8 +66,10 @@ def load_weights(
         if tensor.shape != target.shape:
             raise BaseModelError(f"{key} is {list(tensor.shape)} in the checkpoint but {list(target.shape)} in "
                                  "the base model; --base-model is not the model this run trained")
-        if key in frozen and not torch.equal(tensor, target.to(tensor.dtype)):
-            mismatched.append((key, (tensor.float() - target.float()).abs().max().item()))
+        if key in frozen:
+            saved, base = (tensor, target) if key not in resized else (tensor[: resized[key]], target[: resized[key]])
+            if not torch.equal(saved, base.to(saved.dtype)):
+                mismatched.append((key, (saved.float() - base.float()).abs().max().item()))
         with torch.no_grad():
             target.copy_(tensor)
         keys.append(key)
@@ -69,14 +80,35 @@ def load_weights(
             f"(largest: {name}, max abs diff {diff:.3g}): {info.base_model} is not the base this run trained "
             "(or another revision); pass the right --base-model, or --ignore-base-mismatch to use the checkpoint's"
         )
-    from_base = sorted(set(state) - set(keys) - set(info.layout.shared))
+    # Tied weights share storage: a key is accounted for when its storage was loaded under any name.
+    loaded = {state[key].data_ptr() for key in keys}
+    from_base = sorted(k for k in state if state[k].data_ptr() not in loaded and k not in info.layout.shared)
     if from_base and info.layout.frozen_source is not None:
         raise BaseModelError(f"the base model has {len(from_base)} params the checkpoint saved no value for, e.g. "
                              f"{from_base[0]}; --base-model is not the architecture this run trained")
+    # Rows added to the vocabulary for training have no value in the base: the checkpoint must hold them
+    # (a frozen copy only PEFT's unmerged forward would read, ``original_module``, may go without).
+    unsaved = [k for k in from_base if k in resized and ".original_module." not in k]
+    if unsaved:
+        raise CheckpointError(
+            f"the vocabulary was grown from {resized_vocab['from']} to {resized_vocab['to']} tokens before training, "
+            f"but the checkpoint holds no values for the new rows of {unsaved[0]} (frozen params were not saved and "
+            "the embeddings are not in modules_to_save): the trained model cannot be reproduced"
+        )
     return {
         "from_checkpoint": len(keys),
+        "resized_vocab": resized_vocab,
         "from_base": len(from_base),
         "frozen_checked": len([k for k in keys if k in frozen]),
         "frozen_mismatched": [name for name, _ in mismatched],
     }
 
+
+
+def _resized_keys(state: dict, resized_vocab: dict | None) -> dict[str, int]:
+    """Keys of the resized embedding modules, each with the number of rows the base really had."""
+    if not resized_vocab:
+        return {}
+    prefixes = tuple(f"{names.PEFT_PREFIX}{module}." for module in resized_vocab["modules"])
+    return {k: resized_vocab["from"] for k, t in state.items()
+            if k.startswith(prefixes) and t.dim() > 0 and t.shape[0] == resized_vocab["to"]}

@@ -17,7 +17,7 @@ from zero2merged import names
 from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs
-from zero2merged.stages.rebuild import load_base
+from zero2merged.basemodel import load_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -56,7 +56,7 @@ def save(
     model = load_base(auto_class, str(work_dir / names.MERGED), DTYPES[dtype])
     staged = fresh_dir(partial_path(output))
     model.save_pretrained(staged, max_shard_size=max_shard_size)
-    tokenizer_from = _carry_tokenizer(tokenizer_sources, staged)
+    tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
 
     probes = load_file(work_dir / names.PROBES)
     reference = probes.pop("merged")
@@ -75,7 +75,8 @@ def save(
     }
 
 
-def _carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
+def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
+    """Save the tokenizer of the first source that has one into ``staged``; returns that source."""
     from transformers import AutoTokenizer
 
     for source in sources:

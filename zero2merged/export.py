@@ -1,0 +1,86 @@
+"""``export-adapter``: the trained adapter as a PEFT adapter folder, from the fp32 masters.
+
+The Trainer's own ``adapter_model.safetensors`` holds the 16-bit copies of the weights (and under ZeRO-3
+without gathering, empty tensors); this writes the fp32 masters with PEFT's own ``save_pretrained``, and
+checks that ``PeftModel.from_pretrained`` on a fresh base gives back the trained model's outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from zero2merged.basemodel import load_base
+from zero2merged.distributed import on_rank_zero
+from zero2merged.errors import OutputError, VerificationError
+from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
+from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
+from zero2merged.stages.inspect import inspect_checkpoint
+from zero2merged.stages.rebuild import resize_to_checkpoint
+from zero2merged.stages.save import carry_tokenizer, partial_path
+from zero2merged.verify import unmerged_model
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_adapter` wrote and how closely the reloaded adapter reproduces the run."""
+
+    output: str
+    checkpoint: str
+    tag: str
+    files: list[str]
+    tensors: int
+    parity: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_adapter(
+    checkpoint: Path | str,
+    output: Path | str,
+    *,
+    base_model: str | None = None,
+    tag: str | None = None,
+    adapter_config: Path | str | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+) -> ExportReport:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32 masters) for the checkpoint's adapter.
+
+    Arguments as for :func:`zero2merged.convert`; ``output`` must not exist or be empty. Inside a
+    distributed job rank 0 does the work.
+
+    Raises:
+        Zero2MergedError: bad input, or the written adapter does not reproduce the trained model.
+    """
+    options = dict(base_model=base_model, tag=tag, adapter_config=adapter_config, lora_alpha=lora_alpha,
+                   use_rslora=use_rslora)
+    return on_rank_zero(lambda: _export(Path(checkpoint), Path(output).expanduser().resolve(), **options))
+
+
+def _export(checkpoint: Path, output: Path, **options) -> ExportReport:
+    from peft import PeftModel
+
+    if output.is_dir() and any(output.iterdir()):
+        raise OutputError(f"the output {output} is not empty (never overwritten); choose a new --output or empty it")
+    info = inspect_checkpoint(checkpoint, **options)
+    model, rebuilt = unmerged_model(info)
+    staged = fresh_dir(partial_path(output))
+    model.save_pretrained(staged)
+    carry_tokenizer([info.checkpoint], staged)
+
+    fresh = load_base(rebuilt["auto_class"], info.base_model)
+    resize_to_checkpoint(fresh, info)
+    reloaded = PeftModel.from_pretrained(fresh, staged, adapter_name=info.adapter_name)
+    inputs = probe_inputs(fresh.config)
+    parity = compare(outputs(reloaded, inputs), outputs(model, inputs))
+    parity.check(MERGE_TOLERANCE, f"the adapter reloaded from {staged} vs the trained model")
+    saved = {k for k, v in reloaded.state_dict().items() if f".{info.adapter_name}." in k or k.endswith(f".{info.adapter_name}")}
+    if not set(info.layout.trainable_shapes) <= saved:
+        raise VerificationError(f"{staged} lacks trained tensors, e.g. {sorted(set(info.layout.trainable_shapes) - saved)[0]}")
+
+    replace_dir(staged, output)
+    return ExportReport(output=str(output), checkpoint=info.checkpoint, tag=info.tag,
+                        files=[str(p.relative_to(output)) for p in files_in(output)],
+                        tensors=len(info.layout.trainable_shapes), parity=parity.to_dict())
