@@ -7,13 +7,12 @@ import shutil
 import pytest
 import torch
 
-from fixtures import SPECS
+from fixtures import SPECS, TESTED
 from tests.helpers import base_state, reference_consolidated
 from zero2merged.errors import CheckpointError
 from zero2merged.stages.inspect import resolve_tag
+from zero2merged import names, zero
 from zero2merged.zero import ZeroReader, load_pt, rank_files, read_layout
-
-FIXTURES = [name for name in SPECS if name != "demo"]
 
 
 def _reader(fixture):
@@ -22,11 +21,11 @@ def _reader(fixture):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", TESTED)
 def test_reader_matches_deepspeed_tensor_for_tensor(trained, name):
     fixture = trained(name)
     reader = _reader(fixture)
-    ours = {**dict(reader.trainable()), **dict(reader.frozen()), **dict(reader.buffers())}
+    ours = dict(reader.tensors())
     reference = reference_consolidated(fixture.checkpoint)
     aliases = reader.layout.shared  # tied names DeepSpeed fills in again; we record them as aliases
     assert set(reference) <= set(ours) | set(aliases)
@@ -38,7 +37,32 @@ def test_reader_matches_deepspeed_tensor_for_tensor(trained, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ["engine-z3-bf16", "engine-z2-fp32", "ranks3-z3", "ranks3-z2", "engine-z1-bf16"])
+def test_pieces_stay_bounded_and_reassemble_exactly(trained, name, monkeypatch):
+    """Pieces small enough to cut params (and rank partitions) in the middle still give DeepSpeed's tensors."""
+    monkeypatch.setattr(zero, "PIECE_ELEMENTS", 97)
+    fixture = trained(name)
+    reader = _reader(fixture)
+    assert max(piece.numel() for _, _, piece in reader.pieces()) <= 97
+    ours = dict(reader.tensors())
+    aliases = reader.layout.shared
+    for key, tensor in reference_consolidated(fixture.checkpoint).items():
+        assert torch.equal(ours[aliases.get(key, key)], tensor), key
+
+
+def test_checkpoint_keys_are_deepspeeds():
+    """names.py restates DeepSpeed's checkpoint keys so reading never imports deepspeed; they must agree."""
+    from deepspeed.checkpoint import constants
+
+    restated = ["OPTIMIZER_STATE_DICT", "ZERO_STAGE", "PARTITION_COUNT", "FP32_FLAT_GROUPS",
+                "SINGLE_PARTITION_OF_FP32_GROUPS", "PARAM_ALIGNMENT_PADDINGS", "PARAM_SHAPES", "BUFFER_NAMES",
+                "FROZEN_PARAM_SHAPES", "FROZEN_PARAM_FRAGMENTS", "DS_VERSION"]
+    for key in restated:
+        assert getattr(names, key) == getattr(constants, key), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TESTED)
 def test_layout_detected(trained, name):
     spec = SPECS[name]
     layout = _reader(trained(name)).layout
@@ -54,7 +78,7 @@ def test_layout_detected(trained, name):
 def test_zero1_frozen_params_come_from_module_where_deepspeed_drops_them(trained):
     fixture = trained("engine-z1-bf16")
     reader = _reader(fixture)
-    frozen = dict(reader.frozen())
+    frozen = {name: t for name, t in reader.tensors() if name in reader.layout.frozen}
     assert set(frozen).isdisjoint(reference_consolidated(fixture.checkpoint))  # zero_to_fp32 drops them all
     base = base_state(fixture)
     assert len(frozen) == len(base)
@@ -87,7 +111,7 @@ def test_truncated_file_is_named(tag_copy):
     optim[1].write_bytes(optim[1].read_bytes()[:1000])
     layout = read_layout(tag_copy)  # rank 0's metadata is intact
     with pytest.raises(CheckpointError, match=optim[1].name):
-        dict(ZeroReader(tag_copy, layout).trainable())
+        dict(ZeroReader(tag_copy, layout).tensors())
 
 
 class _RunsACommand:

@@ -7,6 +7,25 @@ OPTIM_STATES_GLOB = "*_optim_states.pt"  # one per rank; "bf16_" prefix for bf16
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's LoraConfig, written by the Trainer / save_pretrained
 PEFT_PREFIX = "base_model.model."  # PeftModel state-dict keys start with this
 
+# Inside the rank files: DeepSpeed's keys (deepspeed/checkpoint/constants.py; the last four are literals in
+# its engine), restated here so reading a checkpoint never imports deepspeed (seconds of start-up); a test
+# holds them equal to DeepSpeed's constants.
+OPTIMIZER_STATE_DICT = "optimizer_state_dict"
+ZERO_STAGE = "zero_stage"
+PARTITION_COUNT = "partition_count"
+FP32_FLAT_GROUPS = "fp32_flat_groups"  # ZeRO-3 masters
+SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"  # ZeRO-1/2 masters
+PARAM_ALIGNMENT_PADDINGS = "param_alignment_paddings"
+PARAM_SHAPES = "param_shapes"
+BUFFER_NAMES = "buffer_names"
+FROZEN_PARAM_SHAPES = "frozen_param_shapes"
+FROZEN_PARAM_FRAGMENTS = "frozen_param_fragments"
+DS_VERSION = "ds_version"
+MODULE = "module"  # the model-state file's module state dict (16-bit; empty tensors under ZeRO-3)
+SHARED_PARAMS = "shared_params"
+GLOBAL_STEPS = "global_steps"
+DS_CONFIG = "ds_config"
+
 # In the work directory.
 MANIFEST = "manifest.json"  # stage records: fingerprints, outputs with sha256, metrics, timings
 LOCK = "lock"  # held (flock) by the run using the work directory
@@ -16,6 +35,11 @@ REBUILD = "rebuild.json"  # stage 3: the model class and LoRA config the wrapper
 LOAD = "load.json"  # stage 4: where every key came from
 MERGED = "merged"  # stage 5: the merged model in fp32 (save_pretrained layout)
 PROBES = "probes.safetensors"  # stage 5: probe inputs and the unmerged / merged outputs on them
+
+# In the output: transformers' names (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME).
+WEIGHTS = "model.safetensors"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"  # how save_pretrained names shards
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 # Beside the output: the model is written here, verified, then renamed into place.
 PARTIAL_SUFFIX = ".zero2merged-partial"

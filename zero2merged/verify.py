@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +24,7 @@ def unmerged_model(info: CheckpointInfo):
         ``(peft_model, rebuild_record)``.
     """
     model, rebuilt = rebuild(info)
-    reader = ZeroReader(info.tag_dir, info.layout)
-    tensors = itertools.chain(reader.trainable(), reader.frozen(), reader.buffers())
+    tensors = ZeroReader(info.tag_dir, info.layout).tensors()
     load_weights(model, tensors, info, resized_vocab=rebuilt["resized_vocab"])
     return model, rebuilt
 

@@ -1,10 +1,11 @@
-"""Reading DeepSpeed ZeRO checkpoint files: safely, lazily, one parameter at a time.
+"""Reading DeepSpeed ZeRO checkpoint files: safely, lazily, a bounded piece at a time.
 
 DeepSpeed's own reader (``deepspeed.utils.zero_to_fp32``) is the independent reference our tests compare
 against, but it is not what we run, because it unpickles with ``weights_only=False`` (a checkpoint file can
 run any code), loads the model-state files whole and concatenates ZeRO-3 frozen params eagerly (about twice
-the model in RAM), ignores the frozen params ZeRO-1 keeps in ``module`` and prints to stdout. The layout
-rules below are DeepSpeed's, restated: the key names come from ``deepspeed.checkpoint.constants``.
+the model in RAM), ignores the frozen params ZeRO-1 keeps in ``module``, and prints to stdout. The layout
+rules below are DeepSpeed's, restated; its key names are in ``names.py`` (a test holds them equal to
+``deepspeed.checkpoint.constants``), so reading a checkpoint never imports deepspeed.
 
 Layout, in short. Trainable params live as fp32 master copies in the optimizer files, flattened per param
 group and split across ranks:
@@ -18,12 +19,17 @@ group and split across ranks:
 Frozen params are saved by the model-state files in the training dtype: ZeRO-3 splits them like the
 trainable ones (``frozen_param_fragments``), ZeRO-2 keeps them whole there, ZeRO-1 keeps them only in
 ``module``; with ``exclude_frozen_parameters`` none are saved.
+
+Files are memory-mapped; pages a piece occupied are handed back to the kernel once the piece is used, so
+reading a checkpoint does not leave it all resident (and counted in our RSS).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+import mmap
 import pickle
 import re
 from collections.abc import Iterator
@@ -36,17 +42,25 @@ from zero2merged import names
 from zero2merged.errors import CheckpointError
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+PIECE_ELEMENTS = 4 << 20  # the most elements one piece holds (16 MB of fp32)
 
 
-@functools.cache
-def allowed_globals() -> tuple[type, ...]:
-    """The only non-tensor classes DeepSpeed ZeRO checkpoints pickle: exactly these may be unpickled."""
-    # Imported here: importing deepspeed costs seconds and is needed only to read the files.
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+class _Record:
+    """Stand-in for DeepSpeed's plain record classes (loss scalers, fragment addresses): their fields only."""
 
-    return (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
+
+def _enum_value(value):
+    """Stand-in for DeepSpeed's ``ZeroStageEnum``: the stage number."""
+    return value
+
+
+# The only non-tensor objects ZeRO checkpoints pickle, under DeepSpeed's names; nothing else is unpickled.
+ALLOWED_GLOBALS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum": _enum_value,
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": _Record,
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": _Record,
+    "deepspeed.utils.tensor_fragment.fragment_address": _Record,
+}
 
 
 def load_pt(path: Path) -> dict:
@@ -56,7 +70,7 @@ def load_pt(path: Path) -> dict:
         CheckpointError: the file is unreadable, truncated, or holds objects that are not allowed.
     """
     try:
-        with torch.serialization.safe_globals(list(allowed_globals())):
+        with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED_GLOBALS.items()]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:300]
@@ -66,6 +80,29 @@ def load_pt(path: Path) -> dict:
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]} "
                               "(is the file truncated or still being written?)") from e
+
+
+@functools.cache
+def _madvise():
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - not a POSIX libc
+        return None
+
+
+def release(tensor: torch.Tensor) -> None:
+    """Hand the pages of a memory-mapped tensor back to the kernel (they are read again if touched).
+
+    MADV_PAGEOUT drops file-backed pages and leaves anonymous memory alone, so it is safe whatever the
+    tensor is backed by. Kernels without it (before Linux 5.4, other systems) just keep the pages.
+    """
+    advise, advice = _madvise(), getattr(mmap, "MADV_PAGEOUT", None)
+    if advise is None or advice is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    advise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 def _rank_of(path: Path) -> int:
@@ -127,8 +164,6 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
     Raises:
         CheckpointError: files are missing, unreadable or inconsistent with each other.
     """
-    from deepspeed.checkpoint import constants as k
-
     model_files, optim_files = rank_files(tag_dir)
     if not model_files or not optim_files:
         found = ", ".join(sorted(p.name for p in tag_dir.iterdir())[:8]) or "nothing"
@@ -137,11 +172,11 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"{names.OPTIM_STATES_GLOB}); found: {found}"
         )
     states = load_pt(model_files[0])
-    optim = load_pt(optim_files[0]).get(k.OPTIMIZER_STATE_DICT, {})
-    if k.ZERO_STAGE not in optim or k.PARAM_SHAPES not in states:
+    optim = load_pt(optim_files[0]).get(names.OPTIMIZER_STATE_DICT, {})
+    if names.ZERO_STAGE not in optim or names.PARAM_SHAPES not in states:
         raise CheckpointError(f"{tag_dir} is not a ZeRO checkpoint: no zero_stage in {optim_files[0].name}")
-    stage = int(optim[k.ZERO_STAGE])
-    count = optim[k.PARTITION_COUNT]
+    stage = int(optim[names.ZERO_STAGE])
+    count = optim[names.PARTITION_COUNT]
     world = max(count) if isinstance(count, list) else int(count)
     if len(optim_files) != world:
         raise CheckpointError(
@@ -155,14 +190,14 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"found {len(model_files)}"
         )
 
-    trainable = [{name: _shape(s) for name, s in group.items()} for group in states[k.PARAM_SHAPES]]
+    trainable = [{name: _shape(s) for name, s in group.items()} for group in states[names.PARAM_SHAPES]]
     trainable_names = {name for group in trainable for name in group}
-    buffer_names = set(states.get(k.BUFFER_NAMES) or [])
-    module = states.get("module") or {}
+    buffer_names = set(states.get(names.BUFFER_NAMES) or [])
+    module = states.get(names.MODULE) or {}
     buffers = {name: _shape(t.shape) for name, t in module.items() if name in buffer_names}
-    frozen_shapes = states.get(k.FROZEN_PARAM_SHAPES)
+    frozen_shapes = states.get(names.FROZEN_PARAM_SHAPES)
     if frozen_shapes:
-        frozen, source = {name: _shape(s) for name, s in frozen_shapes.items()}, k.FROZEN_PARAM_FRAGMENTS
+        frozen, source = {name: _shape(s) for name, s in frozen_shapes.items()}, names.FROZEN_PARAM_FRAGMENTS
     else:
         # ZeRO-1 keeps frozen params only in the 16-bit module state dict (ZeRO-3's module is empty).
         frozen = {
@@ -170,26 +205,26 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             for name, t in module.items()
             if name not in trainable_names and name not in buffer_names and t.numel() > 0
         }
-        source = "module" if frozen else None
+        source = names.MODULE if frozen else None
 
     return ZeroLayout(
         zero_stage=stage,
         world_size=world,
         dtype=_training_dtype(optim_files[0], states, module),
-        ds_version=states.get(k.DS_VERSION),
-        global_step=states.get("global_steps"),
+        ds_version=states.get(names.DS_VERSION),
+        global_step=states.get(names.GLOBAL_STEPS),
         trainable=trainable,
         frozen=frozen,
         frozen_source=source,
         buffers=buffers,
-        shared={str(a): str(b) for a, b in (states.get("shared_params") or {}).items()},
+        shared={str(a): str(b) for a, b in (states.get(names.SHARED_PARAMS) or {}).items()},
         model_files=[p.name for p in model_files],
         optim_files=[p.name for p in optim_files],
     )
 
 
 def _training_dtype(optim_file: Path, states: dict, module: dict) -> str:
-    config = states.get("ds_config") or {}
+    config = states.get(names.DS_CONFIG) or {}
     for key in ("bf16", "fp16"):
         if isinstance(config.get(key), dict) and config[key].get("enabled") is True:
             return key
@@ -212,17 +247,22 @@ class _FlatView:
     def numel(self) -> int:
         return self.starts[-1]
 
-    def read(self, start: int, length: int) -> torch.Tensor:
-        pieces = []
+    def pieces(self, start: int, length: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(element offset within the range, view)`` covering ``[start, start + length)``."""
         for part, begin, end in zip(self.parts, self.starts, self.starts[1:]):
             lo, hi = max(start, begin), min(start + length, end)
             if lo < hi:
-                pieces.append(part.narrow(0, lo - begin, hi - lo))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                yield lo - start, part.narrow(0, lo - begin, hi - lo)
+
+
+def _split(offset: int, flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """A 1-D view cut into pieces of at most ``PIECE_ELEMENTS``, with their element offsets."""
+    for first in range(0, flat.numel(), PIECE_ELEMENTS):
+        yield offset + first, flat.narrow(0, first, min(PIECE_ELEMENTS, flat.numel() - first))
 
 
 class ZeroReader:
-    """Yields a tag's tensors one at a time, each read from the memory-mapped rank files.
+    """A tag's tensors, read from the memory-mapped rank files a bounded piece at a time.
 
     Args:
         tag_dir: The tag folder (``global_stepN``).
@@ -237,26 +277,61 @@ class ZeroReader:
     def _model_states(self) -> list[dict]:
         return [load_pt(self.tag_dir / name) for name in self.layout.model_files]
 
-    def _masters(self) -> tuple[list[list[torch.Tensor]], list | None]:
+    @functools.cached_property
+    def _optim(self) -> tuple[list[list[torch.Tensor]], list | None]:
         """Per rank, per group: the flat fp32 master tensor (Adam moments are never read); and the
         ZeRO-1/2 per-param alignment paddings."""
-        from deepspeed.checkpoint import constants as k
-
-        key = k.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else k.SINGLE_PARTITION_OF_FP32_GROUPS
+        key = names.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else names.SINGLE_PARTITION_OF_FP32_GROUPS
         groups, paddings = [], None
         for rank, name in enumerate(self.layout.optim_files):
-            optim = load_pt(self.tag_dir / name)[k.OPTIMIZER_STATE_DICT]
+            optim = load_pt(self.tag_dir / name)[names.OPTIMIZER_STATE_DICT]
             groups.append([t.reshape(-1) for t in optim[key]])
             if rank == 0:
-                paddings = optim.get(k.PARAM_ALIGNMENT_PADDINGS)
+                paddings = optim.get(names.PARAM_ALIGNMENT_PADDINGS)
         return groups, paddings
 
-    def trainable(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The trainable params, from the fp32 masters. Sizes are checked before anything is yielded."""
-        masters, paddings = self._masters()
+    def specs(self) -> dict[str, tuple[torch.dtype, list[int]]]:
+        """name -> (dtype, shape) of every tensor, without reading any: masters are fp32."""
+        specs = {name: (torch.float32, shape) for name, shape in self.layout.trainable_shapes.items()}
+        if self.layout.frozen_source:
+            saved = self._model_states[0][self.layout.frozen_source]
+            specs.update({name: (saved[name].dtype, shape) for name, shape in self.layout.frozen.items()})
+        module = self._model_states[0][names.MODULE]
+        specs.update({name: (module[name].dtype, shape) for name, shape in self.layout.buffers.items()})
+        return specs
+
+    def pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``(name, element offset, 1-D piece)`` of every tensor, in order, each piece at most
+        ``PIECE_ELEMENTS`` long. The file pages under a piece are released once the consumer resumes.
+        Sizes are checked before anything is yielded."""
+        for name, offset, piece in self._all_pieces():
+            yield name, offset, piece
+            release(piece)
+
+    def _all_pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        masters, paddings = self._optim
         if self.layout.zero_stage == 3:
-            return self._zero3_trainable(masters)
-        return self._zero12_trainable(masters, paddings)
+            yield from self._zero3_trainable(masters)
+        else:
+            yield from self._zero12_trainable(masters, paddings)
+        yield from self._frozen()
+        module = self._model_states[0][names.MODULE]
+        for name in self.layout.buffers:
+            yield name, 0, module[name].reshape(-1)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors, assembled from :meth:`pieces` into fresh memory (for in-memory consumers)."""
+        specs = self.specs()
+        current, flat = None, None
+        for name, offset, piece in self.pieces():
+            if name != current:
+                if current is not None:
+                    yield current, flat.view(specs[current][1])
+                current = name
+                flat = torch.empty(math.prod(specs[name][1]), dtype=specs[name][0])
+            flat.narrow(0, offset, piece.numel()).copy_(piece)
+        if current is not None:
+            yield current, flat.view(specs[current][1])
 
     def _mismatch(self, needed, held) -> CheckpointError:
         return CheckpointError(
@@ -264,7 +339,7 @@ class ZeroReader:
             "the model-state and optimizer files do not belong to the same save"
         )
 
-    def _zero12_trainable(self, masters, paddings) -> Iterator[tuple[str, torch.Tensor]]:
+    def _zero12_trainable(self, masters, paddings) -> Iterator[tuple[str, int, torch.Tensor]]:
         # DeepSpeed pads each group to a multiple of 2 * world size (see zero_to_fp32's zero2_align).
         align = 2 * self.layout.world_size
         plan = []
@@ -279,9 +354,11 @@ class ZeroReader:
             plan.append((flat, entries))
         for flat, entries in plan:
             for name, shape, offset in entries:
-                yield name, flat.read(offset, math.prod(shape)).view(shape)
+                for at, view in flat.pieces(offset, math.prod(shape)):
+                    for piece_at, piece in _split(at, view):
+                        yield name, piece_at, piece
 
-    def _zero3_trainable(self, masters) -> Iterator[tuple[str, torch.Tensor]]:
+    def _zero3_trainable(self, masters) -> Iterator[tuple[str, int, torch.Tensor]]:
         world = self.layout.world_size
         per_rank = [_FlatView(rank) for rank in masters]
         needed = sum(math.ceil(math.prod(s) / world) for s in self.layout.trainable_shapes.values())
@@ -292,33 +369,32 @@ class ZeroReader:
         for name, shape in self.layout.trainable_shapes.items():
             numel = math.prod(shape)
             part = math.ceil(numel / world)
-            pieces = [view.read(offset, part) for view in per_rank]
-            yield name, torch.cat(pieces).narrow(0, 0, numel).view(shape)
+            for rank, view in enumerate(per_rank):
+                valid = min(part, numel - rank * part)  # the last rank's piece is padded
+                if valid > 0:
+                    for at, piece in view.pieces(offset, valid):
+                        yield from ((name, rank * part + a, p) for a, p in _split(at, piece))
             offset += part
 
-    def frozen(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The saved frozen params, in the dtype they were saved in (no copy is made for ZeRO-1/2)."""
+    def _frozen(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         layout = self.layout
         if layout.frozen_source is None:
             return
-        if layout.frozen_source == "module":
-            module = self._model_states[0]["module"]
-            for name in layout.frozen:
-                yield name, module[name]
-            return
-        fragments = [states["frozen_param_fragments"] for states in self._model_states]
+        saved = [states[layout.frozen_source] for states in self._model_states]
         for name, shape in layout.frozen.items():
             numel = math.prod(shape)
             if layout.zero_stage == 3:
-                tensor = torch.cat([f[name].reshape(-1) for f in fragments]).narrow(0, 0, numel)
+                part = math.ceil(numel / layout.world_size)
+                fragments = [s[name].reshape(-1) for s in saved]
+                if any(f.numel() != part for f in fragments):
+                    raise CheckpointError(f"{self.tag_dir}: frozen param {name}'s fragments do not add up to {shape}")
+                for rank, fragment in enumerate(fragments):
+                    valid = min(part, numel - rank * part)
+                    if valid > 0:
+                        yield from ((name, a, p) for a, p in _split(rank * part, fragment.narrow(0, 0, valid)))
             else:
-                tensor = fragments[0][name].reshape(-1)
-            if tensor.numel() != numel:
-                raise CheckpointError(f"{self.tag_dir}: frozen param {name} has {tensor.numel()} elements, "
-                                      f"its shape {shape} needs {numel}")
-            yield name, tensor.view(shape)
-
-    def buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        module = self._model_states[0]["module"]
-        for name in self.layout.buffers:
-            yield name, module[name]
+                flat = saved[0][name].reshape(-1)
+                if flat.numel() != numel:
+                    raise CheckpointError(f"{self.tag_dir}: frozen param {name} has {flat.numel()} elements, "
+                                          f"its shape {shape} needs {numel}")
+                yield from ((name, a, p) for a, p in _split(0, flat))

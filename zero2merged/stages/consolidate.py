@@ -3,19 +3,20 @@
 Trainable params come from the fp32 master copies in the optimizer files (more precise than the 16-bit
 weights the Trainer's adapter file holds); frozen params stay in the dtype they were saved in (lossless, and
 half the bytes of fp32 for a 16-bit run). Keys are the checkpoint's own (PEFT's ``base_model.model.…``).
+The file is written a bounded piece at a time, straight from the memory-mapped rank files.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from zero2merged.errors import CheckpointError, VerificationError
 from zero2merged.manifest import replacing
+from zero2merged.safetensors_io import Reader, Writer
 from zero2merged.stages.inspect import CheckpointInfo
 from zero2merged.zero import ZeroReader
 
@@ -37,38 +38,39 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
     """
     layout = info.layout
     reader = ZeroReader(info.tag_dir, layout)
-    tensors: dict[str, torch.Tensor] = {}
-    counts = {}
-    for kind, items in (("trainable", reader.trainable()), ("frozen", reader.frozen()), ("buffers", reader.buffers())):
-        counts[kind] = 0
-        for name, tensor in items:
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{kind} tensor {name} in {info.tag_dir} holds NaN or inf values: training "
-                                      "diverged before this save; convert an earlier tag with --tag")
-            tensors[name] = tensor.contiguous()
-            counts[kind] += 1
-
+    specs = reader.specs()
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(layout.shared, sort_keys=True)}
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-        _verify(tmp, info, tensors)
-    return {**counts, "bytes": path.stat().st_size}
+        with Writer(tmp, specs, metadata) as writer:
+            for name, offset, piece in reader.pieces():
+                if piece.is_floating_point() and not torch.isfinite(piece).all():
+                    kind = "trainable" if name in layout.trainable_shapes else "frozen"
+                    raise CheckpointError(f"{kind} tensor {name} in {info.tag_dir} holds NaN or inf values: "
+                                          "training diverged before this save; convert an earlier tag with --tag")
+                writer.write(name, piece, offset * piece.element_size())
+        _verify(tmp, info, specs, writer.size)
+    return {
+        "trainable": len(layout.trainable_shapes),
+        "frozen": len(layout.frozen),
+        "buffers": len(layout.buffers),
+        "bytes": path.stat().st_size,
+        "parameters": sum(math.prod(shape) for _, shape in specs.values()),
+    }
 
 
-def _verify(path: Path, info: CheckpointInfo, written: dict[str, torch.Tensor]) -> None:
-    """Every name of the checkpoint's shape tables is there with its shape, and reads back identical."""
-    layout = info.layout
-    expected = {**layout.trainable_shapes, **layout.frozen, **layout.buffers}
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        missing = sorted(set(expected) - keys)
-        if missing:
-            raise VerificationError(f"{path} lacks {len(missing)} params of the checkpoint, e.g. {missing[0]}")
-        for name, shape in expected.items():
-            tensor = f.get_tensor(name)
-            if list(tensor.shape) != list(shape) or not torch.equal(tensor, written[name]):
-                raise VerificationError(f"{path}: {name} did not read back as written (shape {list(tensor.shape)}, "
-                                        f"expected {shape})")
-        for name in layout.trainable_shapes:
-            if f.get_slice(name).get_dtype() != "F32":
-                raise VerificationError(f"{path}: trainable {name} is not fp32")
+def _verify(path: Path, info: CheckpointInfo, specs: dict, size: int) -> None:
+    """Every name of the checkpoint's shape tables is there with its shape and dtype, the file whole."""
+    if path.stat().st_size != size:
+        raise VerificationError(f"{path} is {path.stat().st_size} bytes, {size} were written")
+    reader = Reader(path)
+    expected = {**info.layout.trainable_shapes, **info.layout.frozen, **info.layout.buffers}
+    missing = sorted(set(expected) - set(reader.keys()))
+    if missing:
+        raise VerificationError(f"{path} lacks {len(missing)} params of the checkpoint, e.g. {missing[0]}")
+    for name, shape in expected.items():
+        if reader.shape(name) != list(shape) or reader.dtype(name) != specs[name][0]:
+            raise VerificationError(f"{path}: {name} reads back as {reader.dtype(name)} {reader.shape(name)}, "
+                                    f"{specs[name][0]} {shape} was written")
+    for name in info.layout.trainable_shapes:
+        if reader.dtype(name) != torch.float32:
+            raise VerificationError(f"{path}: trainable {name} is not fp32")

@@ -1,0 +1,78 @@
+"""The chunked safetensors writer and reader against the safetensors library itself."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zero2merged.safetensors_io import Reader, Writer
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "b.weight": torch.randn(37, 11, generator=generator).to(torch.bfloat16),
+        "a.weight": torch.randn(5, 3, 2, generator=generator),
+        "a.bias": torch.randn(7, generator=generator).to(torch.float16),
+        "steps": torch.arange(4, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 4),
+    }
+
+
+def test_writer_is_byte_identical_to_save_file_in_any_order_and_chunking(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
+    order = list(tensors)
+    random.Random(1).shuffle(order)
+    with Writer(tmp_path / "ours.safetensors", specs, {"format": "pt"}) as writer:
+        for name in order:
+            tensor = tensors[name]
+            if tensor.dim() > 1 and tensor.shape[0] > 1:  # rows in uneven chunks, last chunk first
+                cut = tensor.shape[0] // 3
+                row_bytes = tensor[0].numel() * tensor.element_size()
+                writer.write(name, tensor[cut:], cut * row_bytes)
+                writer.write(name, tensor[:cut])
+            else:
+                writer.write(name, tensor)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_reader_gets_tensors_rows_and_chunks(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "t.safetensors")
+    reader = Reader(tmp_path / "t.safetensors")
+    assert set(reader.keys()) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(reader.get(name), tensor), name
+    assert torch.equal(reader.get("b.weight", slice(4, 9)), tensors["b.weight"][4:9])
+    chunks = list(reader.chunks("b.weight", chunk_bytes=100))
+    assert len(chunks) > 1
+    assert torch.equal(torch.cat([rows for _, rows in chunks]), tensors["b.weight"])
+    assert [first for first, _ in chunks] == list(range(0, 37, chunks[0][1].shape[0]))
+
+
+def test_incomplete_or_mistyped_writes_are_refused(tmp_path):
+    specs = {"w": (torch.float32, [4, 4])}
+    with pytest.raises(ValueError, match="not written whole"):
+        with Writer(tmp_path / "short.safetensors", specs, {}) as writer:
+            writer.write("w", torch.zeros(2, 4))
+    with Writer(tmp_path / "typed.safetensors", specs, {}) as writer:
+        with pytest.raises(ValueError, match="declared"):
+            writer.write("w", torch.zeros(4, 4, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="past the end"):
+            writer.write("w", torch.zeros(4, 4), 16)
+        writer.write("w", torch.ones(4, 4))
+    assert torch.equal(load_file(tmp_path / "typed.safetensors")["w"], torch.ones(4, 4))
+
+
+def test_truncated_file_is_reported(tmp_path):
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "t.safetensors")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        Reader(tmp_path / "t.safetensors").get("w")

@@ -1,0 +1,159 @@
+"""safetensors files read and written one tensor (or one chunk) at a time.
+
+Written by hand because the library has neither half: ``save_file`` needs every tensor in memory at once,
+and ``safe_open`` maps the whole file, so every page it touched counts toward our RSS until it is closed.
+The format is simple and stable (8-byte header length, JSON header, raw little-endian data); the writer
+produces the same bytes as ``safetensors.torch.save_file`` (a test holds it to that), so files written
+here are indistinguishable from those ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+# safetensors' dtype names, in the order of its Rust enum: save_file lays tensors out by this order
+# (highest first), then by name.
+DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+_RANK = {name: rank for rank, name in enumerate(DTYPES.values())}
+_FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
+CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (made contiguous), without a copy when it already is."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class Writer:
+    """Writes one safetensors file; tensors may come in any order, each whole or in row chunks.
+
+    Args:
+        path: File to write (created or truncated).
+        specs: name -> (dtype, shape) of every tensor the file will hold.
+        metadata: The ``__metadata__`` strings.
+    """
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str]):
+        self.path = path
+        order = sorted(specs, key=lambda name: (-_RANK[DTYPES[specs[name][0]]], name))
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        self.extent: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name in order:
+            dtype, shape = specs[name]
+            size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.extent[name] = (offset, offset + size)
+            offset += size
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)
+        self.data_start = 8 + len(blob)
+        self.size = self.data_start + offset
+        self.order = order
+        self.specs = specs
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._file.truncate(self.size)
+        self._written: dict[str, int] = {name: 0 for name in order}
+
+    def write(self, name: str, data: torch.Tensor, start: int = 0) -> None:
+        """Write ``data`` (a whole tensor, or consecutive rows of it from byte ``start`` on) of ``name``."""
+        dtype, _ = self.specs[name]
+        if data.dtype != dtype:
+            raise ValueError(f"{name}: {data.dtype} written where {dtype} was declared")
+        begin, end = self.extent[name]
+        raw = tensor_bytes(data)
+        if begin + start + raw.nbytes > end:
+            raise ValueError(f"{name}: write past the end of its {end - begin} bytes")
+        os.pwrite(self._file.fileno(), raw, self.data_start + begin + start)
+        self._written[name] += raw.nbytes
+
+    def close(self) -> None:
+        """Flush to disk; raise if any tensor was left incomplete."""
+        short = [n for n in self.order if self._written[n] != self.extent[n][1] - self.extent[n][0]]
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if short:
+            raise ValueError(f"{self.path}: {len(short)} tensors were not written whole, e.g. {short[0]}")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+class Reader:
+    """Reads tensors of one safetensors file with ``pread``: no mapping, so nothing read stays resident."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(length))
+        self.metadata: dict[str, str] = self.header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _FROM_NAME[self.header[name]["dtype"]]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or a range of its rows), read into fresh memory."""
+        begin, end = self.header[name]["data_offsets"]
+        shape, dtype = self.shape(name), self.dtype(name)
+        if rows is not None:
+            row_bytes = (end - begin) // max(shape[0], 1)
+            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            shape = [rows.stop - rows.start, *shape[1:]]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                got = os.preadv(f.fileno(), [view[done:]], self.data_start + begin + done)
+                if got <= 0:
+                    raise OSError(f"{self.path} is truncated: {name} ends past the end of the file")
+                done += got
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole)."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield 0, self.get(name)
+            return
+        begin, end = self.header[name]["data_offsets"]
+        step = max(1, chunk_bytes // max((end - begin) // max(shape[0], 1), 1))
+        for first in range(0, shape[0], step):
+            yield first, self.get(name, slice(first, min(first + step, shape[0])))
+
