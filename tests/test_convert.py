@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import zero2merged
-from fixtures import SPECS
+from fixtures import TESTED
 from fixtures.models import auto_class
 from tests.helpers import (
     assert_within_one_rounding,
@@ -29,7 +29,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-CONVERTIBLE = [name for name in SPECS if name != "demo"]
+CONVERTIBLE = TESTED
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

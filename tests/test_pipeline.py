@@ -39,9 +39,16 @@ def test_second_run_is_a_noop_and_force_redoes(trained, tmp_path):
     assert _hashes(output) == written
     assert second.stage("merge").metrics == first.stage("merge").metrics
 
-    # Another dtype into another output, same work directory: only save runs again.
+    # Another dtype into another output, same work directory: streaming, merge writes the output's dtype, so
+    # it runs again (with rebuild and load, which share its model); in memory, only save casts.
     third = zero2merged.convert(fixture.checkpoint, tmp_path / "fp32", dtype="fp32", work_dir=first.work_dir)
-    assert third.skipped == list(STAGES[:-1])
+    assert third.skipped == ["inspect", "consolidate"]
+    in_memory = zero2merged.convert(fixture.checkpoint, tmp_path / "fp32-mem", dtype="fp32", work_dir=first.work_dir,
+                                    in_memory=True)
+    assert in_memory.skipped == ["inspect", "consolidate"]
+    recast = zero2merged.convert(fixture.checkpoint, tmp_path / "bf16-mem", work_dir=first.work_dir, in_memory=True)
+    assert recast.skipped == list(STAGES[:-1])
+    assert _hashes(tmp_path / "bf16-mem") == written
 
     forced = zero2merged.convert(fixture.checkpoint, tmp_path / "forced", force=True, work_dir=first.work_dir)
     assert forced.skipped == []

@@ -5,6 +5,8 @@ Shared by inspect (which looks at the base on the meta device, without weights) 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from zero2merged import names
@@ -75,6 +77,29 @@ def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
         raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {_first_line(e)}") from e
 
 
+def base_dir(base_model: str) -> Path:
+    """The base model's folder: the path itself, or its snapshot in the local Hugging Face cache."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base_model, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not here"
+        raise BaseModelError(f"the base model {base_model} is neither a folder nor in the local Hugging Face "
+                             f"cache ({type(e).__name__}); pass --base-model with its folder") from e
+
+
+def base_weights(base_model: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, over the base's weight files (headers only)."""
+    from zero2merged.safetensors_io import Reader
+
+    found = {}
+    for file in sorted(base_dir(base_model).glob("*.safetensors")):
+        found.update({name: str(file) for name in Reader(file).keys()})
+    return found
+
+
 def meta_model(auto_name: str, config):
     """The base's module tree without weights (meta device): for names, shapes and ties, at no cost."""
     import transformers
@@ -114,3 +139,20 @@ def checkpoint_vocab(shapes: dict[str, list[int]], module: str) -> set[int]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def saved_dtypes(model, dtype: torch.dtype):
+    """name -> the dtype ``from_pretrained(dtype=dtype)`` gives that weight, and so the dtype it is saved in:
+    ``dtype``, except in modules transformers keeps in fp32 (``_keep_in_fp32_modules``: T5's ``wo`` in fp16,
+    for one). Uses transformers' own plan and pattern matching, so both paths agree with it."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return lambda name: dtype
+    pattern, group_to_glob, _ = build_glob_alternation(list(plan))
+
+    def of(name: str) -> torch.dtype:
+        found = pattern.search(name)
+        return plan[group_to_glob[found.lastgroup]] if found else dtype
+    return of

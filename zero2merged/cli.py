@@ -87,20 +87,28 @@ def inference_options(command):
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those whose results are still valid.")
 @click.option("--ignore-base-mismatch", is_flag=True, help="Go on when saved frozen weights differ from the base's.")
+@click.option("--in-memory", is_flag=True,
+              help="Load the whole model and check the merged model's outputs end to end (several times the "
+                   "model's size in RAM); the default streams a layer at a time. Both write identical files.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes writing the output's shards (under torchrun, every rank writes a share instead).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, dtype, work_dir,
-            max_shard_size, force, ignore_base_mismatch, as_json) -> None:
+            max_shard_size, force, ignore_base_mismatch, in_memory, workers, as_json) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
 
     \b
     Example:
         zero2merged convert run/checkpoint-500 --output merged --base-model meta-llama/Llama-3.2-1B
     """
+    from zero2merged.distributed import join_launched_group
     from zero2merged.pipeline import convert as run_convert
 
+    join_launched_group()
     report = run_convert(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
-                         lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
-                         ignore_base_mismatch=ignore_base_mismatch)
+                         lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype, work_dir=work_dir,
+                         max_shard_size=max_shard_size, force=force, ignore_base_mismatch=ignore_base_mismatch,
+                         in_memory=in_memory, workers=workers)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 

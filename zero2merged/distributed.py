@@ -1,4 +1,4 @@
-"""Inside a distributed job: one rank does the work, the others wait for its result."""
+"""Inside a distributed job: rank 0 converts; the other ranks write shards when asked, then get its result."""
 
 from __future__ import annotations
 
@@ -8,31 +8,96 @@ from typing import Any
 from zero2merged.errors import Zero2MergedError
 
 
-def on_rank_zero(work: Callable[[], Any]) -> Any:
-    """Run ``work`` on rank 0 of an initialized process group; the other ranks wait and get its result."""
+class Channel:
+    """Rank 0's line to the other ranks while it converts: hand each a task, gather what they did."""
+
+    def __init__(self, group, world_size: int):
+        self.group = group
+        self.world_size = world_size
+
+    def send_tasks(self, tasks: list[dict]) -> None:
+        """``tasks[i]`` goes to rank ``i + 1`` (see :func:`zero2merged.workers.write_share`)."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([("tasks", tasks)], src=0, group=self.group)
+
+    def gather_results(self) -> list[dict]:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.gather_object(("ok", None), gathered, dst=0, group=self.group)
+        failures = [value for kind, value in gathered[1:] if kind == "error"]
+        if failures:
+            raise Zero2MergedError(failures[0])
+        return [value for _, value in gathered[1:]]
+
+
+def join_launched_group() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), join its process group (gloo), so the
+    command's ranks share the work; a plain run is left alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+
+
+def on_rank_zero(work: Callable[[Channel | None], Any]) -> Any:
+    """Run ``work`` on rank 0 of an initialized process group; the other ranks serve its tasks meanwhile,
+    then return its result (or raise its error). Without a process group, ``work(None)`` runs here."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed support
-        return work()
+        return work(None)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return work()
+        return work(None)
     from datetime import timedelta
 
     # A gloo group of its own: it carries Python objects whatever the job's backend, and its long timeout
     # lets the waiting ranks outlast a conversion of a large model.
     group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
-    box: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.get_rank() == 0:
+    try:
+        if dist.get_rank() == 0:
+            return _lead(work, Channel(group, dist.get_world_size()))
+        return _serve(group, dist.get_rank())
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _lead(work, channel: Channel) -> Any:
+    import torch.distributed as dist
+
+    try:
+        outcome, error = ("ok", work(channel)), None
+    except Zero2MergedError as e:
+        outcome, error = ("error", e), e
+    except BaseException as e:
+        outcome, error = ("error", Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {e}")), e
+    dist.broadcast_object_list([outcome], src=0, group=channel.group)
+    if error is not None:
+        raise error
+    return outcome[1]
+
+
+def _serve(group, rank: int) -> Any:
+    import torch.distributed as dist
+
+    from zero2merged.workers import write_share
+
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        kind, value = box[0]
+        if kind != "tasks":
+            break
         try:
-            box = [("ok", work())]
-        except Zero2MergedError as e:
-            box, error = [("error", e)], e
-        except BaseException as e:
-            box, error = [("error", Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {e}"))], e
-    dist.broadcast_object_list(box, src=0, group=group)
-    dist.destroy_process_group(group)
-    kind, value = box[0]
+            result = ("ok", write_share(**value[rank - 1]))
+        except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the conversion
+            result = ("error", f"rank {rank} failed writing its shards: {type(e).__name__}: {e}")
+        dist.gather_object(result, None, dst=0, group=group)
     if kind == "error":
-        raise (error or value)
+        raise value
     return value

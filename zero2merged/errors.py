@@ -26,3 +26,7 @@ class OutputError(Zero2MergedError):
 
 class VerificationError(Zero2MergedError):
     """A parity or round-trip check failed: the result would not behave like the trained model."""
+
+
+class StreamingUnsupported(Zero2MergedError):
+    """The model cannot be converted a layer at a time; ``--in-memory`` can convert it."""

@@ -56,7 +56,7 @@ def export_adapter(
     """
     options = dict(base_model=base_model, tag=tag, adapter_config=adapter_config, lora_alpha=lora_alpha,
                    use_rslora=use_rslora)
-    return on_rank_zero(lambda: _export(Path(checkpoint), Path(output).expanduser().resolve(), **options))
+    return on_rank_zero(lambda _channel: _export(Path(checkpoint), Path(output).expanduser().resolve(), **options))
 
 
 def _export(checkpoint: Path, output: Path, **options) -> ExportReport:

@@ -29,16 +29,16 @@ def saved_shapes(folder: Path) -> dict[str, list[int]]:
 def check_complete(folder: Path, model) -> None:
     """Raise unless ``folder`` holds every weight of ``model`` (tied ones once) with its shape."""
     saved = saved_shapes(folder)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # tied weights are one object under several names
     extra = sorted(set(saved) - set(state))
     if extra:
         raise VerificationError(f"{folder} holds {len(extra)} tensors the model does not have, e.g. {extra[0]}")
-    written = {state[name].data_ptr() for name in saved}
+    written = {id(state[name]) for name in saved}
     for name, tensor in state.items():
         if name in saved:
             if saved[name] != list(tensor.shape):
                 raise VerificationError(f"{folder}: {name} was written as {saved[name]}, not {list(tensor.shape)}")
-        elif tensor.data_ptr() not in written:
+        elif id(tensor) not in written:
             raise VerificationError(f"{folder} lacks {name}, and it is not tied to a written weight")
 
 

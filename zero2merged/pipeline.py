@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,17 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from zero2merged import names
-from zero2merged.errors import OutputError
-from zero2merged.manifest import Manifest, describe_outputs, files_stat, fingerprint, write_text_atomic
-from zero2merged.modelfiles import files_in
+from zero2merged.basemodel import base_config, base_dtype
 from zero2merged.distributed import on_rank_zero
+from zero2merged.errors import OutputError
+from zero2merged.manifest import (
+    Manifest,
+    describe_outputs,
+    files_stat,
+    fingerprint,
+    write_text_atomic,
+)
+from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.parity import MERGE_TOLERANCE, SAVE_TOLERANCES
 from zero2merged.stages.consolidate import consolidate
 from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint, resolve_tag
-from zero2merged.stages.load import load_weights, read_consolidated
-from zero2merged.stages.merge import merge
+from zero2merged.stages.load import load_weights, plan_sources, read_consolidated
+from zero2merged.stages.merge import merge, merge_streaming
 from zero2merged.stages.rebuild import rebuild
-from zero2merged.stages.save import DTYPES, save
+from zero2merged.stages.save import DTYPES, publish, save
+from zero2merged.workers import LocalHelpers, RankHelpers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +85,8 @@ class ConvertReport:
         merge_parity = self.stage("merge").metrics.get("parity", {})
         save_parity = self.stage("save").metrics.get("parity", {})
         if merge_parity:
-            lines.append(f"  parity merged vs unmerged (fp32): max abs diff {merge_parity['max_abs_diff']:.3g}, "
+            scope = "each LoRA layer" if "layers" in merge_parity else "model outputs"
+            lines.append(f"  parity merged vs unmerged ({scope}, fp32): max abs diff {merge_parity['max_abs_diff']:.3g}, "
                          f"top-1 agreement {merge_parity['top1_agreement']:.4f}")
         if save_parity:
             lines.append(f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {save_parity['max_abs_diff']:.3g}, "
@@ -94,7 +104,8 @@ def _headline(stage: StageReport) -> str:
     if stage.name == "rebuild":
         return f"{m.get('model_class')} wrapped by {m.get('peft_class')}"
     if stage.name == "merge":
-        return "merge_and_unload, parity checked"
+        layers = m.get("parity", {}).get("layers")
+        return f"{layers} LoRA layers merged one at a time, each checked" if layers else "merge_and_unload, parity checked"
     if stage.name == "load":
         return f"{m.get('from_checkpoint')} tensors from the checkpoint, {m.get('from_base')} from the base"
     if stage.name == "save":
@@ -219,11 +230,14 @@ def convert(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     ignore_base_mismatch: bool = False,
+    in_memory: bool = False,
+    workers: int = 1,
 ) -> ConvertReport:
     """Convert a DeepSpeed ZeRO checkpoint of a LoRA run into one merged, verified model folder.
 
-    When ``torch.distributed`` is initialized (inside a training job), rank 0 does the work and the other
-    ranks wait for it and get the same report (or the same error).
+    When ``torch.distributed`` is initialized (inside a training job, or under ``torchrun``), rank 0 does
+    the work, the other ranks write their share of the output's shards, and all get the same report (or
+    the same error).
 
     Args:
         checkpoint: The folder holding ``latest`` (or a tag folder).
@@ -238,6 +252,11 @@ def convert(
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``.
         force: Redo every stage even if its earlier result is still valid.
         ignore_base_mismatch: Go on when saved frozen weights differ from the base's (use the checkpoint's).
+        in_memory: Load the whole model and check the merged model's outputs end to end, in several times
+            the model's size of RAM. The default streams one layer at a time in memory that does not grow
+            with the model, checking each merged layer's outputs; both write identical files.
+        workers: Processes writing the output's shards (streaming). Inside a distributed job every rank
+            writes a share instead (the work directory must be on a filesystem they all see).
 
     Returns:
         The run's report: each stage ran or skipped, times, parity figures.
@@ -249,12 +268,14 @@ def convert(
         raise OutputError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     lora = dict(base_model=base_model, adapter_config=adapter_config, lora_alpha=lora_alpha, use_rslora=use_rslora)
     options = dict(tag=tag, lora=lora, dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
-                   ignore_base_mismatch=ignore_base_mismatch)
-    return on_rank_zero(lambda: _convert(Path(checkpoint), Path(output), **options))
+                   ignore_base_mismatch=ignore_base_mismatch, in_memory=in_memory, workers=workers)
+    if workers < 1:
+        raise OutputError(f"workers must be at least 1; got {workers}")
+    return on_rank_zero(lambda channel: _convert(Path(checkpoint), Path(output), channel=channel, **options))
 
 
 def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_shard_size, force,
-             ignore_base_mismatch) -> ConvertReport:
+             ignore_base_mismatch, in_memory, workers, channel) -> ConvertReport:
     where = resolve_tag(checkpoint, tag)
     folder, tag = where.folder, where.tag
     output = output.expanduser().resolve()
@@ -265,20 +286,46 @@ def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_
         run = _Run(work, force)
         if not _output_is_ours(run, output):
             _check_output_free(output)  # up front, before any heavy work
-        conversion = _Conversion(run, folder, tag, output)
+        helpers = _Helpers(channel, workers) if not in_memory else None
+        conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, helpers=helpers)
         info = conversion.inspect(**lora)
+        out_dtype = base_dtype(base_config(info.base_model)) if dtype == "auto" else dtype
         conversion.consolidate(info)
-        conversion.merge(info, ignore_base_mismatch=ignore_base_mismatch)
-        out_dtype = conversion.save(info, dtype=dtype, max_shard_size=max_shard_size)
+        conversion.merge(info, ignore_base_mismatch=ignore_base_mismatch, dtype=out_dtype,
+                         max_shard_size=max_shard_size)
+        conversion.save(info, dtype=out_dtype, max_shard_size=max_shard_size)
     return ConvertReport(checkpoint=info.checkpoint, tag=info.tag, output=str(output), work_dir=str(work),
                          dtype=out_dtype, stages=run.reports, warnings=info.warnings)
 
 
-class _Conversion:
-    """The six stages of one conversion, each run or skipped through the manifest."""
+@dataclass
+class _Helpers:
+    """Who else writes shards: the other ranks of a distributed job, or ``workers - 1`` local processes."""
 
-    def __init__(self, run: _Run, folder: Path, tag: str, output: Path):
+    channel: Any
+    workers: int
+
+    def make(self, work: Path, staged: Path, dtype: str, max_shard_size):
+        if self.channel is not None:
+            return RankHelpers(self.channel, work, staged, dtype, max_shard_size)
+        if self.workers > 1:
+            return LocalHelpers(self.workers - 1, work, staged, dtype, max_shard_size)
+        return None
+
+
+class _Conversion:
+    """The six stages of one conversion, each run or skipped through the manifest.
+
+    Streaming (the default), rebuild builds the model on the meta device, load plans where each weight
+    comes from, merge merges one LoRA layer at a time straight into the output's files (in the output
+    dtype) and save puts them in place. In memory, load fills the whole model, merge writes it in fp32
+    with probe outputs, and save casts, reloads and compares.
+    """
+
+    def __init__(self, run: _Run, folder: Path, tag: str, output: Path, *, streaming: bool,
+                 helpers: _Helpers | None = None):
         self.run, self.folder, self.tag, self.output = run, folder, tag, output
+        self.streaming, self.helpers = streaming, helpers
         self.work = run.work_dir
         # The rank files, by name, size and mtime: a new save under the same tag changes them.
         self.tag_files = files_stat([p for p in (folder / tag).iterdir() if p.is_file()])
@@ -313,13 +360,16 @@ class _Conversion:
         else:
             self.run.run("consolidate", fp, lambda: (None, consolidate(info, path)), lambda: [path])
 
-    def merge(self, info: CheckpointInfo, *, ignore_base_mismatch: bool) -> None:
+    def merge(self, info: CheckpointInfo, *, ignore_base_mismatch: bool, dtype: str, max_shard_size) -> None:
         """Rebuild, load and merge: their model lives in memory only, so they are skipped or run together."""
-        run = self.run
-        fp_rebuild = fingerprint({"inspect": run.digest("inspect"), "base": _base_fingerprint(info.base_model)})
+        run, streaming = self.run, self.streaming
+        fp_rebuild = fingerprint({"inspect": run.digest("inspect"), "base": _base_fingerprint(info.base_model),
+                                  "streaming": streaming})
         fp_load = fingerprint({"rebuild": fp_rebuild, "consolidated": run.digest("consolidate"),
                                "ignore_base_mismatch": ignore_base_mismatch})
-        fp_merge = fingerprint({"load": fp_load, "tolerance": asdict(MERGE_TOLERANCE)})
+        # Streaming, merge writes the output's files: their dtype and sharding are its inputs too.
+        output_options = {"dtype": dtype, "max_shard_size": max_shard_size} if streaming else None
+        fp_merge = fingerprint({"load": fp_load, "tolerance": asdict(MERGE_TOLERANCE), "output": output_options})
         records = [run.current(name, fp) for name, fp in (("rebuild", fp_rebuild), ("load", fp_load), ("merge", fp_merge))]
         if all(records):
             for name, record in zip(("rebuild", "load", "merge"), records):
@@ -327,44 +377,61 @@ class _Conversion:
             return
 
         rebuild_path, load_path = self.work / names.REBUILD, self.work / names.LOAD
+        consolidated, merged = self.work / names.CONSOLIDATED, self.work / names.MERGED
 
         def do_rebuild():
-            model, record = rebuild(info)
+            model, record = rebuild(info, on_meta=streaming)
             write_text_atomic(rebuild_path, _json(record))
             return (model, record), record
 
         def do_load():
-            tensors = read_consolidated(self.work / names.CONSOLIDATED)
-            accounting = load_weights(model, tensors, info, resized_vocab=rebuilt["resized_vocab"],
-                                      ignore_base_mismatch=ignore_base_mismatch)
-            write_text_atomic(load_path, _json(accounting))
-            return None, accounting
+            if streaming:
+                plan = plan_sources(model, consolidated, info, rebuilt, ignore_base_mismatch=ignore_base_mismatch)
+            else:
+                plan = load_weights(model, read_consolidated(consolidated), info,
+                                    resized_vocab=rebuilt["resized_vocab"], ignore_base_mismatch=ignore_base_mismatch)
+            write_text_atomic(load_path, _json(plan))
+            return plan, {k: v for k, v in plan.items() if k != "sources"}
+
+        def do_merge():
+            if not streaming:
+                return merge(model, self.work)
+            staged = fresh_dir(self.work / f".{names.MERGED}.tmp")
+            helpers = self.helpers.make(self.work, staged, dtype, max_shard_size) if self.helpers else None
+            metrics = merge_streaming(model, info.adapter_name, plan["sources"], staged, dtype=DTYPES[dtype],
+                                      max_shard_size=max_shard_size, base_model=info.base_model, helpers=helpers)
+            shutil.rmtree(merged, ignore_errors=True)
+            replace_dir(staged, merged)
+            return None, metrics
 
         model, rebuilt = run.run("rebuild", fp_rebuild, do_rebuild, lambda: [rebuild_path])
-        run.run("load", fp_load, do_load, lambda: [load_path])
-        run.run("merge", fp_merge, lambda: merge(model, self.work),
-                lambda: files_in(self.work / names.MERGED) + [self.work / names.PROBES])
+        plan = run.run("load", fp_load, do_load, lambda: [load_path])
+        run.run("merge", fp_merge, do_merge,
+                lambda: files_in(merged) + ([] if streaming else [self.work / names.PROBES]))
 
-    def save(self, info: CheckpointInfo, *, dtype: str, max_shard_size) -> str:
-        """Write the output; returns the dtype it was written in."""
+    def save(self, info: CheckpointInfo, *, dtype: str, max_shard_size) -> None:
+        """Write the output in ``dtype`` and move it into place, verified."""
         run = self.run
-        rebuilt = run.manifest.stages["rebuild"]["metrics"]
-        out_dtype = rebuilt["base_dtype"] if dtype == "auto" else dtype
+        auto_class = run.manifest.stages["rebuild"]["metrics"]["auto_class"]
         tokenizer_sources = [self.folder, info.base_model]
-        fp = fingerprint({"merge": run.digest("merge"), "output": str(self.output), "dtype": out_dtype,
-                          "max_shard_size": max_shard_size, "tolerance": asdict(SAVE_TOLERANCES[out_dtype]),
+        tolerance = None if self.streaming else asdict(SAVE_TOLERANCES[dtype])
+        fp = fingerprint({"merge": run.digest("merge"), "output": str(self.output), "dtype": dtype,
+                          "max_shard_size": max_shard_size, "tolerance": tolerance,
                           "tokenizer": [_base_fingerprint(str(s)) for s in tokenizer_sources]})
         if record := run.current("save", fp, root=self.output):
             run.skip("save", record)
-            return out_dtype
+            return
         _check_output_free(self.output)
 
         def body():
-            metrics = save(self.work, self.output, auto_class=rebuilt["auto_class"], dtype=out_dtype,
-                           max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources)
+            if self.streaming:
+                metrics = publish(self.work, self.output, auto_class=auto_class, dtype=dtype,
+                                  tokenizer_sources=tokenizer_sources)
+            else:
+                metrics = save(self.work, self.output, auto_class=auto_class, dtype=dtype,
+                               max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources)
             return None, {**metrics, "output": str(self.output)}
         run.run("save", fp, body, lambda: files_in(self.output), root=self.output)
-        return out_dtype
 
 
 def _json(data: dict) -> str:

@@ -15,7 +15,9 @@ import torch
 from safetensors import safe_open
 
 from zero2merged import names
+from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
+from zero2merged.safetensors_io import Reader
 from zero2merged.stages.inspect import CheckpointInfo
 
 
@@ -34,7 +36,7 @@ def load_weights(
     resized_vocab: dict | None = None,
     ignore_base_mismatch: bool = False,
 ) -> dict:
-    """Stage 4: copy the checkpoint's tensors into ``model`` (the wrapper from stage 3).
+    """Stage 4 (in memory): copy the checkpoint's tensors into ``model`` (the wrapper from stage 3).
 
     Args:
         model: The PEFT wrapper; its non-saved params keep the base's values.
@@ -53,26 +55,112 @@ def load_weights(
         BaseModelError: saved frozen weights differ from the base's, or the base has params the
             checkpoint saved no value for although it saved frozen params.
     """
-    state = model.state_dict()
-    frozen = info.layout.frozen
+    state = model.state_dict(keep_vars=True)
     resized = _resized_keys(state, resized_vocab)
     mismatched: list[tuple[str, float]] = []
     keys = []
     for key, tensor in tensors:
-        target = state.get(key)
-        if target is None:
-            raise CheckpointError(f"checkpoint param {key} has no place in the rebuilt model; is --base-model the "
-                                  "architecture the run trained?")
-        if tensor.shape != target.shape:
-            raise BaseModelError(f"{key} is {list(tensor.shape)} in the checkpoint but {list(target.shape)} in "
-                                 "the base model; --base-model is not the model this run trained")
-        if key in frozen:
-            saved, base = (tensor, target) if key not in resized else (tensor[: resized[key]], target[: resized[key]])
-            if not torch.equal(saved, base.to(saved.dtype)):
-                mismatched.append((key, (saved.float() - base.float()).abs().max().item()))
+        target = _place(state, key, list(tensor.shape))
+        if key in info.layout.frozen:
+            rows = resized.get(key)
+            diff = _difference(tensor, target) if rows is None else _difference(tensor[:rows], target[:rows])
+            if diff is not None:
+                mismatched.append((key, diff))
         with torch.no_grad():
             target.copy_(tensor)
         keys.append(key)
+    accounting, _ = _account(state, keys, info, resized_vocab, mismatched, ignore_base_mismatch)
+    return accounting
+
+
+def plan_sources(
+    model,
+    consolidated: Path,
+    info: CheckpointInfo,
+    rebuilt: dict,
+    *,
+    ignore_base_mismatch: bool = False,
+) -> dict:
+    """Stage 4 (streaming): where every weight of ``model`` (the wrapper, on the meta device) comes from.
+
+    The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
+    compared with the base's a chunk at a time.
+
+    Returns:
+        The accounting, plus ``sources``: wrapper key -> ``[file, name in that file]``.
+    """
+    state = model.state_dict(keep_vars=True)
+    resized = _resized_keys(state, rebuilt["resized_vocab"])
+    saved = Reader(consolidated)
+    base = base_weights(info.base_model)
+    sources: dict[str, list[str]] = {}
+    mismatched: list[tuple[str, float]] = []
+    for key in saved.keys():
+        _place(state, key, saved.shape(key))
+        sources[key] = [str(consolidated), key]
+        if key in info.layout.frozen:
+            where = _in_base(key, rebuilt, base)
+            if where is None:
+                raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
+                                     "architecture this run trained")
+            diff = _chunked_difference(saved, key, Reader(Path(where[0])), where[1], resized.get(key))
+            if diff is not None:
+                mismatched.append((key, diff))
+    accounting, from_base = _account(state, list(sources), info, rebuilt["resized_vocab"], mismatched,
+                                     ignore_base_mismatch)
+    for key in from_base:
+        where = _in_base(key, rebuilt, base)
+        if where is not None and (key not in resized or ".original_module." not in key):
+            sources[key] = where
+    return {**accounting, "sources": sources}
+
+
+def _place(state: dict, key: str, shape: list[int]) -> torch.Tensor:
+    """The wrapper's tensor for a checkpoint key, which must exist and have the same shape."""
+    target = state.get(key)
+    if target is None:
+        raise CheckpointError(f"checkpoint param {key} has no place in the rebuilt model; is --base-model the "
+                              "architecture the run trained?")
+    if list(target.shape) != shape:
+        raise BaseModelError(f"{key} is {shape} in the checkpoint but {list(target.shape)} in the base model; "
+                             "--base-model is not the model this run trained")
+    return target
+
+
+def _difference(saved: torch.Tensor, base: torch.Tensor) -> float | None:
+    """None when ``saved`` equals ``base`` cast to the dtype it was saved in; else the max abs diff."""
+    if torch.equal(saved, base.to(saved.dtype)):
+        return None
+    return (saved.float() - base.float()).abs().max().item()
+
+
+def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: int | None) -> float | None:
+    """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only)."""
+    worst = None
+    for first, chunk in saved.chunks(key):
+        if rows is not None:
+            chunk = chunk[: max(0, rows - first)]
+            if chunk.shape[0] == 0:
+                break
+        other = base.get(name, slice(first, first + chunk.shape[0])) if chunk.dim() > 1 else base.get(name)
+        diff = _difference(chunk, other)
+        if diff is not None:
+            worst = max(worst or 0.0, diff)
+    return worst
+
+
+def _in_base(key: str, rebuilt: dict, base: dict[str, str]) -> list[str] | None:
+    """``[file, name]`` of a wrapper key in the base's weight files (a tied weight is saved under one name)."""
+    for name in rebuilt["base_keys"].get(key, []):
+        if name in base:
+            return [base[name], name]
+    return None
+
+
+def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: dict | None,
+             mismatched: list[tuple[str, float]], ignore_base_mismatch: bool) -> tuple[dict, list[str]]:
+    """The checks both load variants end with; returns their accounting and the keys left to the base."""
+    frozen = info.layout.frozen
     if mismatched and not ignore_base_mismatch:
         name, diff = max(mismatched, key=lambda m: m[1])
         raise BaseModelError(
@@ -80,14 +168,15 @@ def load_weights(
             f"(largest: {name}, max abs diff {diff:.3g}): {info.base_model} is not the base this run trained "
             "(or another revision); pass the right --base-model, or --ignore-base-mismatch to use the checkpoint's"
         )
-    # Tied weights share storage: a key is accounted for when its storage was loaded under any name.
-    loaded = {state[key].data_ptr() for key in keys}
-    from_base = sorted(k for k in state if state[k].data_ptr() not in loaded and k not in info.layout.shared)
+    # Tied weights are one object under several names: a key is accounted for when its object was loaded.
+    loaded = {id(state[key]) for key in keys}
+    from_base = sorted(k for k in state if id(state[k]) not in loaded and k not in info.layout.shared)
     if from_base and info.layout.frozen_source is not None:
         raise BaseModelError(f"the base model has {len(from_base)} params the checkpoint saved no value for, e.g. "
                              f"{from_base[0]}; --base-model is not the architecture this run trained")
     # Rows added to the vocabulary for training have no value in the base: the checkpoint must hold them
     # (a frozen copy only PEFT's unmerged forward would read, ``original_module``, may go without).
+    resized = _resized_keys(state, resized_vocab)
     unsaved = [k for k in from_base if k in resized and ".original_module." not in k]
     if unsaved:
         raise CheckpointError(
@@ -101,8 +190,7 @@ def load_weights(
         "from_base": len(from_base),
         "frozen_checked": len([k for k in keys if k in frozen]),
         "frozen_mismatched": [name for name, _ in mismatched],
-    }
-
+    }, from_base
 
 
 def _resized_keys(state: dict, resized_vocab: dict | None) -> dict[str, int]:

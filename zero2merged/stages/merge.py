@@ -1,21 +1,39 @@
-"""Stage 5, merge: PEFT's own ``merge_and_unload``, then parity of the merged model with the unmerged one.
+"""Stage 5, merge: PEFT's own merge, then parity of the merged model with the unmerged one.
 
 The merge maths (W0 + s·B·A, rsLoRA's scaling, DoRA's row norms, fan_in_fan_out) stays PEFT's: nothing
-here re-implements it. Both models run in fp32 on the same probe inputs; the merged one must match.
+here re-implements it. In memory, ``merge_and_unload`` merges the whole model and both models run on the
+same probe inputs. Streaming, each LoRA layer is merged on its own by PEFT's layer ``merge`` and checked on
+probe activations, and the merged weights go straight into the output's files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from zero2merged import names
-from zero2merged.errors import VerificationError
+from zero2merged.basemodel import base_dir, saved_dtypes
+from zero2merged.errors import StreamingUnsupported, VerificationError
 from zero2merged.manifest import replacing
 from zero2merged.modelfiles import check_complete, fresh_dir, replace_dir
-from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
+from zero2merged.parity import (
+    MERGE_TOLERANCE,
+    PROBE_BATCH,
+    PROBE_SEED,
+    Parity,
+    compare,
+    outputs,
+    probe_inputs,
+)
+from zero2merged.safetensors_io import Reader, Writer
 
 
 def merge(model, work_dir: Path):
@@ -52,3 +70,240 @@ def merge(model, work_dir: Path):
     with replacing(work_dir / names.PROBES) as tmp:
         save_file({**inputs, "unmerged": unmerged, "merged": merged_outputs}, tmp)
     return merged, {"parity": parity.to_dict()}
+
+
+@dataclass
+class ShardPlan:
+    """What the merged model's files will hold, decided on the meta device (the same in every process).
+
+    Attributes:
+        final: The merged model's module tree (``unload`` of the wrapper: nothing computed).
+        state: Its state dict, tensors by identity (``keep_vars``).
+        out: Name -> meta tensor in the output dtype, for every weight written (tied ones once), in
+            ``save_pretrained``'s order.
+        split: The shards, as ``save_pretrained`` splits them.
+        merged_by: Id of a LoRA layer's base param -> (layer path, layer, param name).
+        origin: Id of a tensor -> its wrapper keys (several when tied).
+    """
+
+    final: Any
+    state: dict
+    out: dict
+    split: Any
+    merged_by: dict
+    origin: dict
+
+    def shard_bytes(self, shard: str) -> int:
+        return sum(self.out[name].numel() * self.out[name].element_size()
+                   for name in self.split.filename_to_tensors[shard])
+
+
+def plan_shards(model, dtype: torch.dtype, max_shard_size: str | int) -> ShardPlan:
+    """Unload the (meta) wrapper and lay out the merged model's files as ``save_pretrained`` would."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    model.eval()
+    origin: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        origin.setdefault(id(tensor), []).append(key)
+    merged_by = {}
+    for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+            for name, param in module.get_base_layer().named_parameters(recurse=False):
+                merged_by[id(param)] = (path, module, name)
+    final = model.unload()
+    _untie_if_diverged(final)
+    state = final.state_dict(keep_vars=True)
+    saved = _as_saved(final, remove_tied_weights_from_state_dict(dict(state), final))
+    dtype_of = saved_dtypes(final, dtype)
+    out = {name: t.to("meta", dtype=dtype_of(name) if t.is_floating_point() else t.dtype) for name, t in saved.items()}
+    split = split_torch_state_dict_into_shards(out, filename_pattern=names.WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    return ShardPlan(final, state, out, split, merged_by, origin)
+
+
+def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict[str, list[str]],
+                 staged: Path) -> dict:
+    """Write the given shards of ``plan`` into ``staged``: each LoRA layer merged by PEFT and checked on
+    probe activations on its way, every other weight copied from its source a chunk at a time.
+
+    Returns:
+        ``{"parity": ...}``: the worst per-layer parity of the layers merged here.
+
+    Raises:
+        VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
+    """
+    readers: dict[str, Reader] = {}
+    layers: dict[str, dict] = {}  # merged weights of a layer, until each is written
+    worst = Parity(0.0, 0.0, 1.0, 0)
+    for shard in shards:
+        tensor_names = plan.split.filename_to_tensors[shard]
+        specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
+        with Writer(staged / shard, specs, {"format": "pt"}) as writer:
+            for name in tensor_names:
+                obj, dtype = plan.state[name], plan.out[name].dtype
+                if id(obj) in plan.merged_by:
+                    path, layer, param = plan.merged_by[id(obj)]
+                    if path not in layers:
+                        layers[path], parity = _merge_layer(path, layer, adapter, sources, readers)
+                        worst = _worse(worst, parity)
+                    writer.write(name, layers[path].pop(param).to(dtype))  # an emptied layer stays merged
+                else:
+                    source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
+                    _copy(writer, name, source, dtype, readers)
+    return {"parity": worst.to_dict()}
+
+
+def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: Path, *, dtype: torch.dtype,
+                    max_shard_size: str | int, base_model: str, helpers=None) -> dict:
+    """Stage 5 (streaming): merge one LoRA layer at a time and write the merged weights as they come.
+
+    ``model`` is the PEFT wrapper on the meta device. Each LoRA layer is given its weights (fp32), run on
+    seeded probe activations, merged by PEFT's own ``merge``, run again (the two outputs must agree), and
+    its merged weight written; then it goes back to the meta device. Names, shards, index, configs and
+    bytes are those ``save_pretrained`` writes for the merged model (a test holds the two paths to
+    identical files).
+
+    Args:
+        model: The PEFT wrapper from stage 3, on the meta device.
+        adapter: The adapter's name.
+        sources: Stage 4's plan: wrapper key -> ``[file, name in it]``.
+        staged: Folder the files are written to.
+        dtype: Output dtype of the floating-point weights.
+        max_shard_size: Largest shard, as ``save_pretrained`` takes it.
+        base_model: The base's folder or hub id (for its generation config).
+        helpers: Other processes to write shards too (:mod:`zero2merged.workers`); ``None``: this one only.
+
+    Returns:
+        Metrics: the worst per-layer parity, the layers merged, the files written and by how many processes.
+
+    Raises:
+        VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
+    """
+    plan = plan_shards(model, dtype, max_shard_size)
+    groups = _balanced(plan, 1 + (helpers.size if helpers else 0))
+    pending = helpers.start(groups[1:]) if helpers else (list)
+    try:
+        mine = write_shards(plan, groups[0], adapter, sources, staged)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pending()  # let the helpers finish before stopping: none is left waiting
+        raise
+    results = [mine, *pending()]
+    worst = Parity(0.0, 0.0, 1.0, 0)
+    for result in results:
+        worst = _worse(worst, Parity(**result["parity"]))
+    if plan.split.is_sharded:
+        index = {"metadata": {"total_parameters": plan.final.num_parameters(), **plan.split.metadata},
+                 "weight_map": plan.split.tensor_to_filename}
+        (staged / names.WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_configs(plan.final, staged, dtype, base_model)
+    layers = len({path for path, _, _ in plan.merged_by.values()})
+    return {"parity": {"layers": layers, **worst.to_dict()}, "files": len(plan.split.filename_to_tensors),
+            "processes": len([g for g in groups if g])}
+
+
+def _balanced(plan: ShardPlan, count: int) -> list[list[str]]:
+    """The shards dealt to ``count`` processes, largest first to the least loaded (each list in file order)."""
+    shards = list(plan.split.filename_to_tensors)
+    groups: list[list[str]] = [[] for _ in range(count)]
+    load = [0] * count
+    for shard in sorted(shards, key=plan.shard_bytes, reverse=True):
+        least = load.index(min(load))
+        groups[least].append(shard)
+        load[least] += plan.shard_bytes(shard)
+    return [sorted(group, key=shards.index) for group in groups]
+
+
+def _write_configs(model, staged: Path, dtype: torch.dtype, base_model: str) -> None:
+    """``config.json`` and ``generation_config.json`` as ``save_pretrained`` writes them for the merged model
+    loaded from the base (which brings the base's generation config along) and cast to ``dtype``."""
+    from transformers import GenerationConfig
+
+    model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(staged)
+    if model.can_generate():
+        folder = base_dir(base_model)
+        has_own = (folder / "generation_config.json").is_file()
+        generation = GenerationConfig.from_pretrained(folder) if has_own else model.generation_config
+        generation.save_pretrained(staged)
+
+
+def _as_saved(model, state: dict) -> dict:
+    """The state dict in the order ``save_pretrained`` shards it, for models saved under their module names.
+
+    transformers saves a loaded model through ``revert_weight_conversion``, which orders the keys by
+    ``dot_natural_key`` (and renames them for architectures with a conversion mapping: those are refused,
+    since renaming and fusing weights needs them all in memory).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, dot_natural_key
+
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    if conversions:
+        raise StreamingUnsupported(f"transformers saves {type(model).__name__} in a layout other than its modules "
+                                   "(a weight conversion mapping); convert it with --in-memory")
+    return dict(sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])))
+
+
+def _untie_if_diverged(model) -> None:
+    """Training a tied embedding apart (``modules_to_save``) unties it: say so in the config, as PEFT's
+    ``merge_and_unload`` does. (PEFT compares storage addresses, which the meta device does not have.)"""
+    config = model.config
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
+        if outputs.weight is not inputs.weight:
+            config.tie_word_embeddings = False
+
+
+def _reader(file: str, readers: dict[str, Reader]) -> Reader:
+    if file not in readers:
+        readers[file] = Reader(Path(file))
+    return readers[file]
+
+
+def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, readers: dict[str, Reader]) -> None:
+    """Copy a weight from its source a chunk of rows at a time, cast to ``dtype``."""
+    reader = _reader(source[0], readers)
+    shape = reader.shape(source[1])
+    row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+    for first, rows in reader.chunks(source[1]):
+        piece = rows.to(dtype)
+        writer.write(name, piece, first * row * piece.element_size())
+
+
+def _merge_layer(path: str, layer, adapter: str, sources, readers) -> tuple[dict, Parity]:
+    """Give one LoRA layer its weights, merge it with PEFT, check it; returns its base params, merged."""
+    from torch import nn
+
+    weights = {}
+    for name, meta in layer.state_dict(keep_vars=True).items():
+        file, key = sources[f"{path}.{name}"]
+        tensor = _reader(file, readers).get(key)
+        weights[name] = tensor.float() if tensor.is_floating_point() else tensor  # PEFT merges in fp32 here too
+    layer.load_state_dict(weights, assign=True)
+    base = layer.get_base_layer()
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    if isinstance(base, nn.Embedding):
+        probe = torch.randint(0, base.num_embeddings, (PROBE_BATCH, 8), generator=generator)
+    else:
+        probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
+    with torch.no_grad():
+        before = layer(probe)
+        try:
+            layer.merge(safe_merge=True, adapter_names=[adapter])
+        except ValueError as e:  # PEFT's safe_merge found NaNs
+            raise VerificationError(f"merging {path} failed: {e}") from e
+        after = layer(probe)
+    parity = compare(after, before)
+    parity.check(MERGE_TOLERANCE, f"{path}: merged vs unmerged layer")
+    merged = {name: param.detach() for name, param in base.named_parameters(recurse=False)}
+    layer.to("meta")
+    return merged, parity
+
+
+def _worse(a: Parity, b: Parity) -> Parity:
+    return Parity(max(a.max_abs_diff, b.max_abs_diff), max(a.max_rel_diff, b.max_rel_diff),
+                  min(a.top1_agreement, b.top1_agreement), a.positions + b.positions)

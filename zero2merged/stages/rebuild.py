@@ -13,6 +13,7 @@ from zero2merged.basemodel import (
     checkpoint_vocab,
     embedding_modules,
     load_base,
+    meta_model,
 )
 from zero2merged.errors import AdapterConfigError, BaseModelError
 from zero2merged.stages.inspect import CheckpointInfo
@@ -28,11 +29,16 @@ def lora_config(info: CheckpointInfo):
         raise AdapterConfigError(f"PEFT cannot build a LoraConfig from {info.adapter_config_path}: {e}") from e
 
 
-def rebuild(info: CheckpointInfo):
+def rebuild(info: CheckpointInfo, *, on_meta: bool = False):
     """Stage 3: build the base model in fp32 and wrap it with PEFT; check the wrapper has the saved keys.
 
+    Args:
+        info: Stage 1's result.
+        on_meta: Build on the meta device (no weights: the streaming path materializes one layer at a time).
+
     Returns:
-        ``(peft_model, record)``; the record names the classes and dtypes used.
+        ``(peft_model, record)``; the record names the classes and dtypes used, and for each wrapper key
+        that is a base param, the base's own name for it (``base_keys``).
 
     Raises:
         BaseModelError: the base cannot be loaded.
@@ -44,10 +50,12 @@ def rebuild(info: CheckpointInfo):
     base_cfg = base_config(info.base_model)
     auto_name = auto_class_name(info.lora_config, base_cfg)
     # fp32, whatever the base is stored in: PEFT merges in the weights' dtype, and the masters are fp32.
-    base = load_base(auto_name, info.base_model)
+    base = meta_model(auto_name, base_cfg) if on_meta else load_base(auto_name, info.base_model)
     resized = resize_to_checkpoint(base, info)
+    names_in_base = _names_by_object(base)
     model = get_peft_model(base, config, adapter_name=info.adapter_name)
     _check_against_checkpoint(model, info)
+    base_keys = {key: names_in_base[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in names_in_base}
     record = {
         "auto_class": auto_name,
         "model_class": type(base).__name__,
@@ -56,8 +64,18 @@ def rebuild(info: CheckpointInfo):
         "base_dtype": base_dtype(base_cfg),
         "lora": {key: info.lora_config.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")},
         "resized_vocab": resized,
+        "base_keys": base_keys,
     }
     return model, record
+
+
+def _names_by_object(model) -> dict[int, list[str]]:
+    """Each param and buffer of ``model`` (by identity) -> its names (several when tied). PEFT wraps
+    modules in place, so identity leads from a wrapper key back to the base's own name."""
+    found: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        found.setdefault(id(tensor), []).append(name)
+    return found
 
 
 def resize_to_checkpoint(base, info: CheckpointInfo) -> dict | None:

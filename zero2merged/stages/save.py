@@ -8,16 +8,20 @@ the output folder never holds a model that looks complete but is not.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from zero2merged import names
+from zero2merged.basemodel import load_base, saved_dtypes
 from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs
-from zero2merged.basemodel import load_base
+from zero2merged.safetensors_io import Reader
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -73,6 +77,70 @@ def save(
         "tokenizer_from": tokenizer_from,
         "parity": parity.to_dict(),
     }
+
+
+def publish(
+    work_dir: Path,
+    output: Path,
+    *,
+    auto_class: str,
+    dtype: str,
+    tokenizer_sources: list[Path | str],
+) -> dict:
+    """Stage 6 (streaming): put the model files stage 5 wrote in place, with the tokenizer, verified.
+
+    The files are hard-linked from ``merged/`` (copied across filesystems), so publishing costs no I/O.
+    Verification, without loading weights: the saved config builds the model with the plain Auto class (on
+    the meta device), and the files hold exactly its weights (tied ones once), shapes and dtype as declared,
+    every one where the index says. Stage 5 already checked each merged layer's outputs and wrote the bytes.
+
+    Returns:
+        Metrics: files, bytes, where the tokenizer came from.
+
+    Raises:
+        VerificationError: the files do not describe a model the Auto class loads without complaint.
+    """
+    staged = fresh_dir(partial_path(output))
+    for file in files_in(work_dir / names.MERGED):
+        _link_or_copy(file, staged / file.name)
+    tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
+    _verify_structure(staged, auto_class, DTYPES[dtype])
+    replace_dir(staged, output)
+    files = files_in(output)
+    return {"dtype": dtype, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "tokenizer_from": tokenizer_from}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(source, target)
+
+
+def _verify_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(staged)
+        with torch.device("meta"):
+            model = getattr(transformers, auto_class).from_config(config)
+    except (OSError, ValueError) as e:
+        raise VerificationError(f"the config written to {staged} does not build {auto_class}: {e}") from e
+    check_complete(staged, model)
+    dtype_of = saved_dtypes(model, dtype)
+    where: dict[str, str] = {}
+    for file in sorted(staged.glob("*.safetensors")):
+        reader = Reader(file)
+        for name in reader.keys():
+            if reader.dtype(name).is_floating_point and reader.dtype(name) != dtype_of(name):
+                raise VerificationError(f"{file}: {name} is {reader.dtype(name)}, not {dtype_of(name)}")
+            where[name] = file.name
+    index = staged / names.WEIGHTS_INDEX
+    if index.is_file() and json.loads(index.read_text())["weight_map"] != where:
+        raise VerificationError(f"{index} does not map every weight to the shard holding it")
+    if not index.is_file() and list(set(where.values())) != [names.WEIGHTS]:
+        raise VerificationError(f"{staged} holds several weight files but no {names.WEIGHTS_INDEX}")
 
 
 def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:

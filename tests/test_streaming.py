@@ -1,0 +1,71 @@
+"""The streaming conversion (the default) writes exactly the files the in-memory path writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fixtures import TESTED
+from fixtures.build import free_port
+from tests.helpers import convert_fixture
+from zero2merged.modelfiles import files_in
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_identical(streamed, in_memory):
+    names = [p.relative_to(in_memory) for p in files_in(in_memory)]
+    assert [p.relative_to(streamed) for p in files_in(streamed)] == names
+    for name in names:
+        assert (streamed / name).read_bytes() == (in_memory / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_streaming_output_is_byte_identical_to_in_memory(trained, tmp_path, name):
+    fixture = trained(name)
+    streamed = convert_fixture(fixture, tmp_path / "streamed")
+    in_memory = convert_fixture(fixture, tmp_path / "in-memory", in_memory=True)
+    _assert_identical(tmp_path / "streamed", tmp_path / "in-memory")
+    assert "layers" in streamed.stage("merge").metrics["parity"]  # each LoRA layer checked on its own
+    assert "parity" in in_memory.stage("save").metrics  # the whole model's outputs checked
+
+
+@pytest.mark.parametrize("name,dtype", [("engine-z3-bf16", "bf16"), ("gpt2-tied-z3", "fp32"),
+                                        ("t5-seq2seq-z3", "fp16"), ("modules-to-save-z3", "auto")])
+def test_sharded_streaming_output_is_byte_identical_to_in_memory(trained, tmp_path, name, dtype):
+    fixture = trained(name)
+    convert_fixture(fixture, tmp_path / "streamed", max_shard_size="60KB", dtype=dtype)
+    convert_fixture(fixture, tmp_path / "in-memory", max_shard_size="60KB", dtype=dtype, in_memory=True)
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    _assert_identical(tmp_path / "streamed", tmp_path / "in-memory")
+
+
+def _merge_metrics(output):
+    work = output.with_name(output.name + ".zero2merged-work")
+    return json.loads((work / "manifest.json").read_text())["stages"]["merge"]["metrics"]
+
+
+def test_workers_share_the_shards_and_write_the_same_files(trained, tmp_path):
+    fixture = trained("gpt2-tied-z3")
+    report = convert_fixture(fixture, tmp_path / "workers", max_shard_size="60KB", workers=2)
+    convert_fixture(fixture, tmp_path / "in-memory", max_shard_size="60KB", in_memory=True)
+    _assert_identical(tmp_path / "workers", tmp_path / "in-memory")
+    assert report.stage("merge").metrics["processes"] == 2
+
+
+def test_torchrun_ranks_share_the_shards_and_write_the_same_files(trained, tmp_path):
+    """``torchrun -m zero2merged convert``: rank 0 converts, both ranks write shards, one output."""
+    fixture = trained("engine-z3-bf16")
+    merged = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "zero2merged", "convert", str(fixture.checkpoint), "--output", str(merged),
+               "--max-shard-size", "60KB", "--json"]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    convert_fixture(fixture, tmp_path / "in-memory", max_shard_size="60KB", in_memory=True)
+    _assert_identical(merged, tmp_path / "in-memory")
+    assert _merge_metrics(merged)["processes"] == 2
