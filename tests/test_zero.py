@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -131,3 +132,21 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_pt(evil)
     assert not marker.exists()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_released_pieces_leave_no_pages_resident(tmp_path):
+    """What keeps reading a checkpoint from holding it all in RSS: used pages go back to the kernel."""
+    torch.save({"t": torch.ones(16 << 20)}, tmp_path / "t.pt")  # 64 MB
+    tensor = load_pt(tmp_path / "t.pt")["t"]
+    before = _resident_bytes()
+    assert tensor.sum().item() == 16 << 20  # every page touched
+    touched = _resident_bytes()
+    zero.release(tensor)
+    assert touched - before > 48e6
+    assert touched - _resident_bytes() > 48e6
+    assert tensor.sum().item() == 16 << 20  # read again from the file, unchanged

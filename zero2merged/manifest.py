@@ -25,12 +25,21 @@ def fingerprint(inputs: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_hashed: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256, for this process
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's sha256; a file hashed before in this process, unchanged (a hard link of it, say: the
+    output's files are links of the merge stage's), is not read again."""
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _hashed:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+        _hashed[key] = digest.hexdigest()
+    return _hashed[key]
 
 
 def files_stat(paths: list[Path]) -> list[list]:

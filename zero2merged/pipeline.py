@@ -144,9 +144,10 @@ class _Run:
         self.manifest.put(name, {"status": "running", "fingerprint": fp})
         start = time.perf_counter()
         product, metrics = body()
+        described = describe_outputs(root or self.work_dir, outputs())  # hashing is part of the stage's cost
         seconds = time.perf_counter() - start
-        record = {"status": "done", "fingerprint": fp, "outputs": describe_outputs(root or self.work_dir, outputs()),
-                  "metrics": metrics, "seconds": round(seconds, 3)}
+        record = {"status": "done", "fingerprint": fp, "outputs": described, "metrics": metrics,
+                  "seconds": round(seconds, 3)}
         self.manifest.put(name, record)
         self.reports.append(StageReport(name, "ran", seconds, metrics))
         log.info("%s: done in %.2f s", name, seconds)

@@ -74,6 +74,7 @@ class Writer:
         self._file.write(struct.pack("<Q", len(blob)) + blob)
         self._file.truncate(self.size)
         self._written: dict[str, int] = {name: 0 for name in order}
+        self._sources: dict[str, int] = {}  # file descriptors of the files copied from
 
     def write(self, name: str, data: torch.Tensor, start: int = 0) -> None:
         """Write ``data`` (a whole tensor, or consecutive rows of it from byte ``start`` on) of ``name``."""
@@ -87,9 +88,36 @@ class Writer:
         os.pwrite(self._file.fileno(), raw, self.data_start + begin + start)
         self._written[name] += raw.nbytes
 
+    def copy(self, name: str, source: str, offset: int, nbytes: int, start: int = 0) -> None:
+        """Write ``nbytes`` of ``name`` (from byte ``start`` on) straight from the file ``source`` at ``offset``.
+
+        Copied file to file in the kernel (``copy_file_range``: the bytes never pass through this process),
+        or through a small buffer where the filesystems do not support that.
+        """
+        begin, end = self.extent[name]
+        if begin + start + nbytes > end:
+            raise ValueError(f"{name}: copy past the end of its {end - begin} bytes")
+        if source not in self._sources:
+            self._sources[source] = os.open(source, os.O_RDONLY)
+        src, dst = self._sources[source], self._file.fileno()
+        at, done = self.data_start + begin + start, 0
+        while done < nbytes:
+            try:
+                count = os.copy_file_range(src, dst, nbytes - done, offset + done, at + done)
+            except OSError:  # EXDEV, ENOSYS, EOPNOTSUPP...: not between these files
+                count = 0
+            if count == 0:
+                data = os.pread(src, min(CHUNK_BYTES, nbytes - done), offset + done)
+                if not data:
+                    raise OSError(f"{source} is truncated: {name} ends past the end of the file")
+                count = os.pwrite(dst, data, at + done)
+            done += count
+        self._written[name] += nbytes
+
     def close(self) -> None:
         """Flush to disk; raise if any tensor was left incomplete."""
         short = [n for n in self.order if self._written[n] != self.extent[n][1] - self.extent[n][0]]
+        self._close_sources()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -103,7 +131,13 @@ class Writer:
         if exc[0] is None:
             self.close()
         else:
+            self._close_sources()
             self._file.close()
+
+    def _close_sources(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
 
 
 class Reader:
@@ -125,6 +159,11 @@ class Reader:
 
     def shape(self, name: str) -> list[int]:
         return list(self.header[name]["shape"])
+
+    def file_range(self, name: str) -> tuple[int, int]:
+        """Byte offset and length of the tensor ``name`` in the file."""
+        begin, end = self.header[name]["data_offsets"]
+        return self.data_start + begin, end - begin
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor ``name`` (or a range of its rows), read into fresh memory."""

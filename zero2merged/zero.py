@@ -20,8 +20,9 @@ Frozen params are saved by the model-state files in the training dtype: ZeRO-3 s
 trainable ones (``frozen_param_fragments``), ZeRO-2 keeps them whole there, ZeRO-1 keeps them only in
 ``module``; with ``exclude_frozen_parameters`` none are saved.
 
-Files are memory-mapped; pages a piece occupied are handed back to the kernel once the piece is used, so
-reading a checkpoint does not leave it all resident (and counted in our RSS).
+Files are memory-mapped; the pages under a piece are unmapped once the piece is used, so reading a
+checkpoint does not leave it all resident (and counted in our RSS); and where a piece's bytes are used
+as they are, its file range lets them be copied file to file.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def load_pt(path: Path) -> dict:
                               "(is the file truncated or still being written?)") from e
 
 
+MADV_DONTNEED = 4  # Linux's value (and most other systems')
+
+
 @functools.cache
 def _madvise():
     try:
@@ -90,19 +94,35 @@ def _madvise():
         return None
 
 
-def release(tensor: torch.Tensor) -> None:
-    """Hand the pages of a memory-mapped tensor back to the kernel (they are read again if touched).
+def release(piece: torch.Tensor) -> None:
+    """Drop this process's mapping of the pages under a piece of a memory-mapped checkpoint file.
 
-    MADV_PAGEOUT drops file-backed pages and leaves anonymous memory alone, so it is safe whatever the
-    tensor is backed by. Kernels without it (before Linux 5.4, other systems) just keep the pages.
+    Only for tensors of :func:`load_pt` (private, read-only file mappings that are never written): their
+    pages are clean copies of the file, so MADV_DONTNEED just unmaps them; they stay in the page cache,
+    and a later touch maps them again from the file. Without madvise, the pages simply stay mapped.
     """
-    advise, advice = _madvise(), getattr(mmap, "MADV_PAGEOUT", None)
-    if advise is None or advice is None or tensor.numel() == 0:
+    advise = _madvise()
+    if advise is None or piece.numel() == 0:
         return
     page = mmap.PAGESIZE
-    start = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    advise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+    start = piece.data_ptr() // page * page
+    end = piece.data_ptr() + piece.numel() * piece.element_size()
+    advise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def _mappings(paths: set[str]) -> list[tuple[int, int, str, int]]:
+    """``(start, end, file, file offset)`` of this process's memory mappings of ``paths``."""
+    found = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") in paths:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    found.append((start, end, fields[5].rstrip("\n"), int(fields[2], 16)))
+    except OSError:  # not Linux: no file ranges, pieces are copied through memory instead
+        pass
+    return found
 
 
 def _rank_of(path: Path) -> int:
@@ -289,6 +309,21 @@ class ZeroReader:
             if rank == 0:
                 paddings = optim.get(names.PARAM_ALIGNMENT_PADDINGS)
         return groups, paddings
+
+    @functools.cached_property
+    def _mapped(self) -> list[tuple[int, int, str, int]]:
+        self._model_states, self._optim  # noqa: B018 - every rank file mapped first
+        files = [*self.layout.model_files, *self.layout.optim_files]
+        return _mappings({str((self.tag_dir / name).resolve()) for name in files})
+
+    def file_range(self, piece: torch.Tensor) -> tuple[str, int] | None:
+        """The rank file and byte offset a piece's bytes lie at, so they can be copied file to file
+        (in the kernel, without passing through this process); None where that is unknown."""
+        address = piece.data_ptr()
+        for start, end, path, offset in self._mapped:
+            if start <= address and address + piece.numel() * piece.element_size() <= end:
+                return path, address - start + offset
+        return None
 
     def specs(self) -> dict[str, tuple[torch.dtype, list[int]]]:
         """name -> (dtype, shape) of every tensor, without reading any: masters are fp32."""

@@ -43,11 +43,16 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
     with replacing(path) as tmp:
         with Writer(tmp, specs, metadata) as writer:
             for name, offset, piece in reader.pieces():
-                if piece.is_floating_point() and not torch.isfinite(piece).all():
-                    kind = "trainable" if name in layout.trainable_shapes else "frozen"
-                    raise CheckpointError(f"{kind} tensor {name} in {info.tag_dir} holds NaN or inf values: "
-                                          "training diverged before this save; convert an earlier tag with --tag")
-                writer.write(name, piece, offset * piece.element_size())
+                start = offset * piece.element_size()
+                if name in layout.trainable_shapes:
+                    if not torch.isfinite(piece).all():
+                        raise CheckpointError(f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
+                                              "training diverged before this save; convert an earlier tag with --tag")
+                    writer.write(name, piece, start)
+                elif where := reader.file_range(piece):  # frozen: stage 4 compares them with the base
+                    writer.copy(name, *where, piece.numel() * piece.element_size(), start)
+                else:
+                    writer.write(name, piece, start)
         _verify(tmp, info, specs, writer.size)
     return {
         "trainable": len(layout.trainable_shapes),

@@ -148,7 +148,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
                     if path not in layers:
                         layers[path], parity = _merge_layer(path, layer, adapter, sources, readers)
                         worst = _worse(worst, parity)
-                    writer.write(name, layers[path].pop(param).to(dtype))  # an emptied layer stays merged
+                    writer.write(name, _cast(layers[path].pop(param), dtype, name))  # an emptied layer stays merged
                 else:
                     source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
                     _copy(writer, name, source, dtype, readers)
@@ -265,13 +265,24 @@ def _reader(file: str, readers: dict[str, Reader]) -> Reader:
 
 
 def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, readers: dict[str, Reader]) -> None:
-    """Copy a weight from its source a chunk of rows at a time, cast to ``dtype``."""
+    """Copy a weight from its source: file to file when its dtype stays, else a chunk of rows at a time, cast."""
     reader = _reader(source[0], readers)
+    if reader.dtype(source[1]) == dtype:
+        writer.copy(name, source[0], *reader.file_range(source[1]))
+        return
     shape = reader.shape(source[1])
     row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
     for first, rows in reader.chunks(source[1]):
-        piece = rows.to(dtype)
+        piece = _cast(rows, dtype, name)
         writer.write(name, piece, first * row * piece.element_size())
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``tensor`` in ``dtype``; fp16's narrow range must not turn a weight into inf."""
+    cast = tensor.to(dtype)
+    if dtype == torch.float16 and not torch.isfinite(cast).all():
+        raise VerificationError(f"{name} holds values beyond float16's range (65504); save it with --dtype bf16 or fp32")
+    return cast
 
 
 def _merge_layer(path: str, layer, adapter: str, sources, readers) -> tuple[dict, Parity]:
@@ -292,10 +303,7 @@ def _merge_layer(path: str, layer, adapter: str, sources, readers) -> tuple[dict
         probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
     with torch.no_grad():
         before = layer(probe)
-        try:
-            layer.merge(safe_merge=True, adapter_names=[adapter])
-        except ValueError as e:  # PEFT's safe_merge found NaNs
-            raise VerificationError(f"merging {path} failed: {e}") from e
+        layer.merge(adapter_names=[adapter])  # no safe_merge's copy: NaN/inf fails the parity check below
         after = layer(probe)
     parity = compare(after, before)
     parity.check(MERGE_TOLERANCE, f"{path}: merged vs unmerged layer")
