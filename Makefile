@@ -1,7 +1,7 @@
-# zero2merged: make install | test | test-fast | demo | clean
+# zero2merged: make install | test | test-fast | demo | bench | clean
 PYTHON ?= python3
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo bench clean
 
 # torch first, pinned to the CPU build: an unpinned torch (asked for by deepspeed or peft) would pull a
 # multi-GB CUDA build on a machine that has none.
@@ -21,6 +21,11 @@ demo: install
 	$(PYTHON) -m fixtures build demo --link build/demo/checkpoint
 	$(PYTHON) -m zero2merged convert build/demo/checkpoint --output build/demo/merged
 	$(PYTHON) -m zero2merged verify build/demo/merged --checkpoint build/demo/checkpoint
+
+# zero2merged vs the manual recipe vs plain file copies, on ~0.4B and ~0.6B-param ZeRO-3 checkpoints
+# (trained once and cached: a few minutes); prints the table, writes build/bench.json.
+bench: install
+	$(PYTHON) -m fixtures.bench
 
 clean:
 	rm -rf build fixtures/.cache .pytest_cache

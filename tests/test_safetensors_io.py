@@ -42,6 +42,20 @@ def test_writer_is_byte_identical_to_save_file_in_any_order_and_chunking(tmp_pat
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
 
+def test_copied_ranges_land_like_written_tensors(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "source.safetensors")
+    source = Reader(tmp_path / "source.safetensors")
+    specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
+    with Writer(tmp_path / "copied.safetensors", specs, {}) as writer:
+        for name in tensors:
+            offset, nbytes = source.file_range(name)
+            half = nbytes // 2
+            writer.copy(name, str(tmp_path / "source.safetensors"), offset + half, nbytes - half, half)
+            writer.copy(name, str(tmp_path / "source.safetensors"), offset, half)
+    assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "source.safetensors").read_bytes()
+
+
 def test_reader_gets_tensors_rows_and_chunks(tmp_path):
     tensors = _tensors()
     save_file(tensors, tmp_path / "t.safetensors")

@@ -85,8 +85,13 @@ class Writer:
         raw = tensor_bytes(data)
         if begin + start + raw.nbytes > end:
             raise ValueError(f"{name}: write past the end of its {end - begin} bytes")
-        os.pwrite(self._file.fileno(), raw, self.data_start + begin + start)
+        self._pwrite(raw, self.data_start + begin + start)
         self._written[name] += raw.nbytes
+
+    def _pwrite(self, raw: memoryview, at: int) -> None:
+        done = 0
+        while done < raw.nbytes:  # one pwrite writes at most ~2 GB on Linux
+            done += os.pwrite(self._file.fileno(), raw[done:], at + done)
 
     def copy(self, name: str, source: str, offset: int, nbytes: int, start: int = 0) -> None:
         """Write ``nbytes`` of ``name`` (from byte ``start`` on) straight from the file ``source`` at ``offset``.
@@ -110,7 +115,8 @@ class Writer:
                 data = os.pread(src, min(CHUNK_BYTES, nbytes - done), offset + done)
                 if not data:
                     raise OSError(f"{source} is truncated: {name} ends past the end of the file")
-                count = os.pwrite(dst, data, at + done)
+                self._pwrite(memoryview(data), at + done)
+                count = len(data)
             done += count
         self._written[name] += nbytes
 
@@ -173,17 +179,15 @@ class Reader:
             row_bytes = (end - begin) // max(shape[0], 1)
             begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             shape = [rows.stop - rows.start, *shape[1:]]
-        buffer = bytearray(end - begin)
+        tensor = torch.empty(shape, dtype=dtype)  # not zero-filled, unlike a bytearray: it is read over at once
+        view, done = tensor_bytes(tensor), 0
         with open(self.path, "rb") as f:
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
+            while done < view.nbytes:
                 got = os.preadv(f.fileno(), [view[done:]], self.data_start + begin + done)
                 if got <= 0:
                     raise OSError(f"{self.path} is truncated: {name} ends past the end of the file")
                 done += got
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return tensor
 
     def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole)."""
