@@ -8,6 +8,7 @@ import sys
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from zero2merged.cli import main
@@ -54,6 +55,14 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_usage_error_exit_2(tmp_path):
     assert _run("convert", tmp_path).exit_code == 2  # --output missing
     assert _run("convert", tmp_path, "-o", tmp_path / "x", "--dtype", "int8").exit_code == 2
+    assert _run("convert", tmp_path, "-o", tmp_path / "x", "--workers", "0").exit_code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_in_one_line(tmp_path):
+    result = _run("convert", tmp_path, "-o", tmp_path.parent / "out", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

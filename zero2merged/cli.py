@@ -92,9 +92,11 @@ def inference_options(command):
                    "model's size in RAM); the default streams a layer at a time. Both write identical files.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes writing the output's shards (under torchrun, every rank writes a share instead).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, dtype, work_dir,
-            max_shard_size, force, ignore_base_mismatch, in_memory, workers, as_json) -> None:
+            max_shard_size, force, ignore_base_mismatch, in_memory, workers, device, as_json) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
 
     \b
@@ -108,7 +110,7 @@ def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use
     report = run_convert(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
                          lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype, work_dir=work_dir,
                          max_shard_size=max_shard_size, force=force, ignore_base_mismatch=ignore_base_mismatch,
-                         in_memory=in_memory, workers=workers)
+                         in_memory=in_memory, workers=workers, device=device)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 

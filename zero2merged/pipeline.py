@@ -176,6 +176,19 @@ def _locked(work_dir: Path) -> Iterator[None]:
         yield
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as e:
+        raise OutputError(f"--device {device!r} is not a device torch knows ({e}); use cpu or cuda[:N]") from e
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise OutputError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu")
+    if wanted.type not in ("cpu", "cuda"):
+        raise OutputError(f"--device {device}: only cpu and cuda are supported")
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -233,6 +246,7 @@ def convert(
     ignore_base_mismatch: bool = False,
     in_memory: bool = False,
     workers: int = 1,
+    device: str = "cpu",
 ) -> ConvertReport:
     """Convert a DeepSpeed ZeRO checkpoint of a LoRA run into one merged, verified model folder.
 
@@ -256,6 +270,7 @@ def convert(
         in_memory: Load the whole model and check the merged model's outputs end to end, in several times
             the model's size of RAM. The default streams one layer at a time in memory that does not grow
             with the model, checking each merged layer's outputs; both write identical files.
+        device: Where the streaming merge merges and checks each layer: ``cpu`` or ``cuda[:N]``.
         workers: Processes writing the output's shards (streaming). Inside a distributed job every rank
             writes a share instead (the work directory must be on a filesystem they all see).
 
@@ -269,14 +284,15 @@ def convert(
         raise OutputError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     lora = dict(base_model=base_model, adapter_config=adapter_config, lora_alpha=lora_alpha, use_rslora=use_rslora)
     options = dict(tag=tag, lora=lora, dtype=dtype, work_dir=work_dir, max_shard_size=max_shard_size, force=force,
-                   ignore_base_mismatch=ignore_base_mismatch, in_memory=in_memory, workers=workers)
+                   ignore_base_mismatch=ignore_base_mismatch, in_memory=in_memory, workers=workers, device=device)
     if workers < 1:
         raise OutputError(f"workers must be at least 1; got {workers}")
+    _check_device(device)
     return on_rank_zero(lambda channel: _convert(Path(checkpoint), Path(output), channel=channel, **options))
 
 
 def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_shard_size, force,
-             ignore_base_mismatch, in_memory, workers, channel) -> ConvertReport:
+             ignore_base_mismatch, in_memory, workers, device, channel) -> ConvertReport:
     where = resolve_tag(checkpoint, tag)
     folder, tag = where.folder, where.tag
     output = output.expanduser().resolve()
@@ -288,7 +304,7 @@ def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_
         if not _output_is_ours(run, output):
             _check_output_free(output)  # up front, before any heavy work
         helpers = _Helpers(channel, workers) if not in_memory else None
-        conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, helpers=helpers)
+        conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, helpers=helpers, device=device)
         info = conversion.inspect(**lora)
         out_dtype = base_dtype(base_config(info.base_model)) if dtype == "auto" else dtype
         conversion.consolidate(info)
@@ -306,11 +322,11 @@ class _Helpers:
     channel: Any
     workers: int
 
-    def make(self, work: Path, staged: Path, dtype: str, max_shard_size):
+    def make(self, *task):
         if self.channel is not None:
-            return RankHelpers(self.channel, work, staged, dtype, max_shard_size)
+            return RankHelpers(self.channel, *task)
         if self.workers > 1:
-            return LocalHelpers(self.workers - 1, work, staged, dtype, max_shard_size)
+            return LocalHelpers(self.workers - 1, *task)
         return None
 
 
@@ -324,9 +340,9 @@ class _Conversion:
     """
 
     def __init__(self, run: _Run, folder: Path, tag: str, output: Path, *, streaming: bool,
-                 helpers: _Helpers | None = None):
+                 helpers: _Helpers | None = None, device: str = "cpu"):
         self.run, self.folder, self.tag, self.output = run, folder, tag, output
-        self.streaming, self.helpers = streaming, helpers
+        self.streaming, self.helpers, self.device = streaming, helpers, device
         self.work = run.work_dir
         # The rank files, by name, size and mtime: a new save under the same tag changes them.
         self.tag_files = files_stat([p for p in (folder / tag).iterdir() if p.is_file()])
@@ -369,7 +385,7 @@ class _Conversion:
         fp_load = fingerprint({"rebuild": fp_rebuild, "consolidated": run.digest("consolidate"),
                                "ignore_base_mismatch": ignore_base_mismatch})
         # Streaming, merge writes the output's files: their dtype and sharding are its inputs too.
-        output_options = {"dtype": dtype, "max_shard_size": max_shard_size} if streaming else None
+        output_options = {"dtype": dtype, "max_shard_size": max_shard_size, "device": self.device} if streaming else None
         fp_merge = fingerprint({"load": fp_load, "tolerance": asdict(MERGE_TOLERANCE), "output": output_options})
         records = [run.current(name, fp) for name, fp in (("rebuild", fp_rebuild), ("load", fp_load), ("merge", fp_merge))]
         if all(records):
@@ -398,9 +414,10 @@ class _Conversion:
             if not streaming:
                 return merge(model, self.work)
             staged = fresh_dir(self.work / f".{names.MERGED}.tmp")
-            helpers = self.helpers.make(self.work, staged, dtype, max_shard_size) if self.helpers else None
+            helpers = self.helpers.make(self.work, staged, dtype, max_shard_size, self.device) if self.helpers else None
             metrics = merge_streaming(model, info.adapter_name, plan["sources"], staged, dtype=DTYPES[dtype],
-                                      max_shard_size=max_shard_size, base_model=info.base_model, helpers=helpers)
+                                      max_shard_size=max_shard_size, base_model=info.base_model, device=self.device,
+                                      helpers=helpers)
             shutil.rmtree(merged, ignore_errors=True)
             replace_dir(staged, merged)
             return None, metrics

@@ -19,7 +19,8 @@ from zero2merged import names
 from zero2merged.errors import Zero2MergedError
 
 
-def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_shard_size: str | int) -> dict:
+def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_shard_size: str | int,
+                device: str) -> dict:
     """In a helper: rebuild the plan from ``work_dir`` and write ``shards`` into ``staged``."""
     from zero2merged.stages.inspect import CheckpointInfo
     from zero2merged.stages.merge import plan_shards, write_shards
@@ -31,7 +32,7 @@ def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_s
     model, _ = rebuild(info, on_meta=True)
     sources = json.loads((work / names.LOAD).read_text())["sources"]
     plan = plan_shards(model, DTYPES[dtype], max_shard_size)
-    return write_shards(plan, shards, info.adapter_name, sources, Path(staged))
+    return write_shards(plan, shards, info.adapter_name, sources, Path(staged), device)
 
 
 class _Helpers:
@@ -39,9 +40,9 @@ class _Helpers:
 
     size: int
 
-    def __init__(self, work_dir: Path, staged: Path, dtype: str, max_shard_size: str | int):
+    def __init__(self, work_dir: Path, staged: Path, dtype: str, max_shard_size: str | int, device: str):
         self.task = {"work_dir": str(work_dir), "staged": str(staged), "dtype": dtype,
-                     "max_shard_size": max_shard_size}
+                     "max_shard_size": max_shard_size, "device": device}
 
     def start(self, shares: list[list[str]]) -> Callable[[], list[dict]]:
         """Start writing ``shares`` (one per helper); returns a wait for their results."""

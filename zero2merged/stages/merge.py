@@ -124,7 +124,7 @@ def plan_shards(model, dtype: torch.dtype, max_shard_size: str | int) -> ShardPl
 
 
 def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict[str, list[str]],
-                 staged: Path) -> dict:
+                 staged: Path, device: str = "cpu") -> dict:
     """Write the given shards of ``plan`` into ``staged``: each LoRA layer merged by PEFT and checked on
     probe activations on its way, every other weight copied from its source a chunk at a time.
 
@@ -146,7 +146,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
                 if id(obj) in plan.merged_by:
                     path, layer, param = plan.merged_by[id(obj)]
                     if path not in layers:
-                        layers[path], parity = _merge_layer(path, layer, adapter, sources, readers)
+                        layers[path], parity = _merge_layer(path, layer, adapter, sources, readers, device)
                         worst = _worse(worst, parity)
                     writer.write(name, _cast(layers[path].pop(param), dtype, name))  # an emptied layer stays merged
                 else:
@@ -156,7 +156,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
 
 
 def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: Path, *, dtype: torch.dtype,
-                    max_shard_size: str | int, base_model: str, helpers=None) -> dict:
+                    max_shard_size: str | int, base_model: str, device: str = "cpu", helpers=None) -> dict:
     """Stage 5 (streaming): merge one LoRA layer at a time and write the merged weights as they come.
 
     ``model`` is the PEFT wrapper on the meta device. Each LoRA layer is given its weights (fp32), run on
@@ -173,6 +173,8 @@ def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: 
         dtype: Output dtype of the floating-point weights.
         max_shard_size: Largest shard, as ``save_pretrained`` takes it.
         base_model: The base's folder or hub id (for its generation config).
+        device: Where each layer is merged and checked (``cuda`` on a GPU machine); weights are read and
+            written on the CPU either way.
         helpers: Other processes to write shards too (:mod:`zero2merged.workers`); ``None``: this one only.
 
     Returns:
@@ -185,7 +187,7 @@ def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: 
     groups = _balanced(plan, 1 + (helpers.size if helpers else 0))
     pending = helpers.start(groups[1:]) if helpers else (list)
     try:
-        mine = write_shards(plan, groups[0], adapter, sources, staged)
+        mine = write_shards(plan, groups[0], adapter, sources, staged, device)
     except BaseException:
         with contextlib.suppress(Exception):
             pending()  # let the helpers finish before stopping: none is left waiting
@@ -285,14 +287,16 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return cast
 
 
-def _merge_layer(path: str, layer, adapter: str, sources, readers) -> tuple[dict, Parity]:
-    """Give one LoRA layer its weights, merge it with PEFT, check it; returns its base params, merged."""
+def _merge_layer(path: str, layer, adapter: str, sources, readers, device: str) -> tuple[dict, Parity]:
+    """Give one LoRA layer its weights on ``device``, merge it with PEFT, check it; returns its base params,
+    merged, on the CPU."""
     from torch import nn
 
     weights = {}
     for name, meta in layer.state_dict(keep_vars=True).items():
         file, key = sources[f"{path}.{name}"]
         tensor = _reader(file, readers).get(key)
+        tensor = tensor.to(device)
         weights[name] = tensor.float() if tensor.is_floating_point() else tensor  # PEFT merges in fp32 here too
     layer.load_state_dict(weights, assign=True)
     base = layer.get_base_layer()
@@ -301,13 +305,14 @@ def _merge_layer(path: str, layer, adapter: str, sources, readers) -> tuple[dict
         probe = torch.randint(0, base.num_embeddings, (PROBE_BATCH, 8), generator=generator)
     else:
         probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
+    probe = probe.to(device)
     with torch.no_grad():
         before = layer(probe)
         layer.merge(adapter_names=[adapter])  # no safe_merge's copy: NaN/inf fails the parity check below
         after = layer(probe)
     parity = compare(after, before)
     parity.check(MERGE_TOLERANCE, f"{path}: merged vs unmerged layer")
-    merged = {name: param.detach() for name, param in base.named_parameters(recurse=False)}
+    merged = {name: param.detach().to("cpu") for name, param in base.named_parameters(recurse=False)}
     layer.to("meta")
     return merged, parity
 
