@@ -38,9 +38,13 @@ def base_config(base_model: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(base_model)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=False)  # never a model folder's code
     except (OSError, ValueError, KeyError) as e:
-        raise BaseModelError(f"cannot read the base model's config at {base_model}: {_first_line(e)}; "
+        if "trust_remote_code" in str(e):
+            raise BaseModelError(f"the base model {base_model} needs code of its own (trust_remote_code), and "
+                                 "zero2merged never runs code from a model folder; use a transformers-native "
+                                 "architecture") from e
+        raise BaseModelError(f"cannot read the base model's config at {base_model}: {first_line(e)}; "
                              "pass --base-model with the model the adapter was trained on") from e
 
 
@@ -72,9 +76,9 @@ def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     try:
-        return getattr(transformers, auto_name).from_pretrained(path, dtype=dtype)
+        return getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {_first_line(e)}") from e
+        raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {first_line(e)}") from e
 
 
 def base_dir(base_model: str) -> Path:
@@ -136,7 +140,7 @@ def checkpoint_vocab(shapes: dict[str, list[int]], module: str) -> set[int]:
     return rows
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 verification failed, 2 bad input or usage. A user error
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -68,6 +69,21 @@ adapter_config_option = click.option(
 )
 
 
+def unsafe_pickle_option(command):
+    """--unsafe-pickle: unpickle the rank files in full (the command runs within ``trusting_pickles``)."""
+
+    @functools.wraps(command)
+    def run(*args, unsafe_pickle: bool, **kwargs):
+        from zero2merged.zero import trusting_pickles
+
+        with trusting_pickles(unsafe_pickle):
+            return command(*args, **kwargs)
+
+    return click.option("--unsafe-pickle", is_flag=True,
+                        help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "
+                             "code: only for checkpoints you trust).")(run)
+
+
 def inference_options(command):
     """--lora-alpha and --use-rslora: for runs that saved no adapter_config.json."""
     command = click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling.")(command)
@@ -95,6 +111,7 @@ def inference_options(command):
 @click.option("--device", default="cpu", show_default=True,
               help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@unsafe_pickle_option
 def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, dtype, work_dir,
             max_shard_size, force, ignore_base_mismatch, in_memory, workers, device, as_json) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
@@ -121,6 +138,7 @@ def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use
 @base_model_option
 @inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
+@unsafe_pickle_option
 def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora, as_json) -> None:
     """Show what CHECKPOINT holds and what a conversion would use.
 
@@ -143,6 +161,7 @@ def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora,
 @tag_option
 @adapter_config_option
 @inference_options
+@unsafe_pickle_option
 def verify(merged, checkpoint, base_model, tag, adapter_config, lora_alpha, use_rslora) -> None:
     """Check that MERGED behaves like the unmerged model of CHECKPOINT; print a JSON report.
 
@@ -173,6 +192,7 @@ def verify(merged, checkpoint, base_model, tag, adapter_config, lora_alpha, use_
 @adapter_config_option
 @inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@unsafe_pickle_option
 def export_adapter(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, as_json) -> None:
     """Write CHECKPOINT's adapter as a PEFT adapter folder, from the fp32 masters.
 

@@ -9,6 +9,7 @@ Rebuild and load produce a model in memory only: they are redone whenever merge 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -38,8 +39,9 @@ from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint, resol
 from zero2merged.stages.load import load_weights, plan_sources, read_consolidated
 from zero2merged.stages.merge import merge, merge_streaming
 from zero2merged.stages.rebuild import rebuild
-from zero2merged.stages.save import DTYPES, publish, save
+from zero2merged.stages.save import DTYPES, partial_path, publish, save
 from zero2merged.workers import LocalHelpers, RankHelpers
+from zero2merged.zero import trusting_pickles
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,25 @@ class _Run:
         self.reports.append(StageReport(name, "skipped", 0.0, record.get("metrics", {})))
 
     def run(self, name: str, fp: str, body: Callable[[], tuple[Any, dict]], outputs: Callable[[], list[Path]],
-            root: Path | None = None) -> Any:
-        """Run one stage's ``body`` (returning ``(product, metrics)``) and record it with its output files."""
+            root: Path | None = None, scratch: tuple[Path, ...] = ()) -> Any:
+        """Run one stage's ``body`` (returning ``(product, metrics)``) and record it with its output files.
+
+        If the body fails, the folders in ``scratch`` (its half-written files) are removed; the earlier
+        stages' artifacts stay, so a rerun starts from this stage.
+        """
         log.info("%s: running (stage %d of %d)", name, STAGES.index(name) + 1, len(STAGES))
         self.manifest.put(name, {"status": "running", "fingerprint": fp})
         start = time.perf_counter()
-        product, metrics = body()
+        try:
+            product, metrics = body()
+        except BaseException as e:
+            for path in scratch:
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError(f"{name}: no space left on the device ({e.filename or self.work_dir}); free some, "
+                                  "or put --work-dir and --output on a larger filesystem, and run again (the "
+                                  "finished stages are kept)") from e
+            raise
         described = describe_outputs(root or self.work_dir, outputs())  # hashing is part of the stage's cost
         seconds = time.perf_counter() - start
         record = {"status": "done", "fingerprint": fp, "outputs": described, "metrics": metrics,
@@ -247,6 +262,7 @@ def convert(
     in_memory: bool = False,
     workers: int = 1,
     device: str = "cpu",
+    unsafe_pickle: bool = False,
 ) -> ConvertReport:
     """Convert a DeepSpeed ZeRO checkpoint of a LoRA run into one merged, verified model folder.
 
@@ -271,6 +287,8 @@ def convert(
             the model's size of RAM. The default streams one layer at a time in memory that does not grow
             with the model, checking each merged layer's outputs; both write identical files.
         device: Where the streaming merge merges and checks each layer: ``cpu`` or ``cuda[:N]``.
+        unsafe_pickle: Unpickle the rank files in full, whatever objects they hold (a pickle can run code:
+            only for checkpoints you trust); by default only DeepSpeed's own classes are allowed.
         workers: Processes writing the output's shards (streaming). Inside a distributed job every rank
             writes a share instead (the work directory must be on a filesystem they all see).
 
@@ -288,7 +306,10 @@ def convert(
     if workers < 1:
         raise OutputError(f"workers must be at least 1; got {workers}")
     _check_device(device)
-    return on_rank_zero(lambda channel: _convert(Path(checkpoint), Path(output), channel=channel, **options))
+    def work(channel):
+        with trusting_pickles() if unsafe_pickle else contextlib.nullcontext():  # or the caller's choice
+            return _convert(Path(checkpoint), Path(output), channel=channel, **options)
+    return on_rank_zero(work)
 
 
 def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_shard_size, force,
@@ -298,7 +319,24 @@ def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_
     output = output.expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir else output.with_name(output.name + names.WORK_SUFFIX)
     _check_paths(folder, output, work)
+    created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _convert_locked(folder, tag, output, work, lora=lora, dtype=dtype, max_shard_size=max_shard_size,
+                               force=force, ignore_base_mismatch=ignore_base_mismatch, in_memory=in_memory,
+                               workers=workers, device=device, channel=channel)
+    except BaseException:
+        if created and not _finished_any(work):  # a first run that failed at once leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _finished_any(work: Path) -> bool:
+    return any(r.get("status") == "done" for r in Manifest(work / names.MANIFEST).stages.values())
+
+
+def _convert_locked(folder: Path, tag: str, output: Path, work: Path, *, lora, dtype, max_shard_size, force,
+                    ignore_base_mismatch, in_memory, workers, device, channel) -> ConvertReport:
     with _locked(work):
         run = _Run(work, force)
         if not _output_is_ours(run, output):
@@ -425,7 +463,8 @@ class _Conversion:
         model, rebuilt = run.run("rebuild", fp_rebuild, do_rebuild, lambda: [rebuild_path])
         plan = run.run("load", fp_load, do_load, lambda: [load_path])
         run.run("merge", fp_merge, do_merge,
-                lambda: files_in(merged) + ([] if streaming else [self.work / names.PROBES]))
+                lambda: files_in(merged) + ([] if streaming else [self.work / names.PROBES]),
+                scratch=(self.work / f".{names.MERGED}.tmp",))
 
     def save(self, info: CheckpointInfo, *, dtype: str, max_shard_size) -> None:
         """Write the output in ``dtype`` and move it into place, verified."""
@@ -449,7 +488,8 @@ class _Conversion:
                 metrics = save(self.work, self.output, auto_class=auto_class, dtype=dtype,
                                max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources)
             return None, {**metrics, "output": str(self.output)}
-        run.run("save", fp, body, lambda: files_in(self.output), root=self.output)
+        run.run("save", fp, body, lambda: files_in(self.output), root=self.output,
+                scratch=(partial_path(self.output),))
 
 
 def _json(data: dict) -> str:

@@ -27,6 +27,7 @@ as they are, its file range lets them be copied file to file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -34,6 +35,7 @@ import mmap
 import pickle
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,19 +66,37 @@ ALLOWED_GLOBALS = {
 }
 
 
+_trusted_pickles: ContextVar[bool] = ContextVar("trusted_pickles", default=False)
+
+
+@contextlib.contextmanager
+def trusting_pickles(trust: bool = True) -> Iterator[None]:
+    """Within this block, rank files are unpickled in full (``weights_only=False``), whatever objects they
+    hold: a pickle can run any code, so only for checkpoints from a source you trust."""
+    token = _trusted_pickles.set(trust)
+    try:
+        yield
+    finally:
+        _trusted_pickles.reset(token)
+
+
 def load_pt(path: Path) -> dict:
-    """Load one checkpoint file memory-mapped, refusing any pickled object outside the allow-list.
+    """Load one checkpoint file memory-mapped, refusing any pickled object outside the allow-list
+    (unless within :func:`trusting_pickles`).
 
     Raises:
         CheckpointError: the file is unreadable, truncated, or holds objects that are not allowed.
     """
     try:
+        if _trusted_pickles.get():
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED_GLOBALS.items()]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:300]
         raise CheckpointError(
-            f"{path} holds pickled objects that DeepSpeed checkpoints do not ({first}); refusing to load it"
+            f"{path} holds pickled objects that DeepSpeed checkpoints do not ({first}); refusing to load it "
+            "(a pickle can run code: pass --unsafe-pickle only if you trust where this checkpoint came from)"
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]} "

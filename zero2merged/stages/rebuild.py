@@ -12,6 +12,7 @@ from zero2merged.basemodel import (
     base_dtype,
     checkpoint_vocab,
     embedding_modules,
+    first_line,
     load_base,
     meta_model,
 )
@@ -53,7 +54,11 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False):
     base = meta_model(auto_name, base_cfg) if on_meta else load_base(auto_name, info.base_model)
     resized = resize_to_checkpoint(base, info)
     names_in_base = _names_by_object(base)
-    model = get_peft_model(base, config, adapter_name=info.adapter_name)
+    try:
+        model = get_peft_model(base, config, adapter_name=info.adapter_name)
+    except ValueError as e:  # e.g. the target modules are not in this model
+        raise BaseModelError(f"PEFT cannot apply the run's LoRA config to {type(base).__name__} from "
+                             f"{info.base_model} ({first_line(e).rstrip('.')}); is --base-model the model this run trained?") from e
     _check_against_checkpoint(model, info)
     base_keys = {key: names_in_base[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in names_in_base}
     record = {

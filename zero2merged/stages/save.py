@@ -122,7 +122,7 @@ def _verify_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(staged)
+        config = transformers.AutoConfig.from_pretrained(staged, trust_remote_code=False)
         with torch.device("meta"):
             model = getattr(transformers, auto_class).from_config(config)
     except (OSError, ValueError) as e:
@@ -149,7 +149,7 @@ def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
 
     for source in sources:
         if any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(source).save_pretrained(staged)
+            AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(staged)
             return str(source)
     return None
 
@@ -159,7 +159,8 @@ def _verify(staged: Path, model, auto_class: str, dtype: torch.dtype, probes: di
     import transformers
 
     check_complete(staged, model)
-    reloaded, info = getattr(transformers, auto_class).from_pretrained(staged, dtype=dtype, output_loading_info=True)
+    reloaded, info = getattr(transformers, auto_class).from_pretrained(staged, dtype=dtype, output_loading_info=True,
+                                                                       trust_remote_code=False)
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise VerificationError(f"reloading {staged} with {auto_class} reported {problems or info['error_msgs']}")
