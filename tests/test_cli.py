@@ -83,11 +83,24 @@ def test_convert_then_verify_pass_and_fail(trained, tmp_path):
     report = json.loads(result.stdout)
     assert [s["status"] for s in report["stages"]] == ["ran"] * 6
 
-    passed = _run("verify", tmp_path / "merged", "--checkpoint", fixture.checkpoint)
+    passed = _run("verify", tmp_path / "merged", "--checkpoint", fixture.checkpoint, "--json")
     assert passed.exit_code == 0
-    assert json.loads(passed.stdout)["passed"] is True and passed.stderr.startswith("PASS")
+    assert json.loads(passed.stdout)["passed"] is True
 
     # The bare base is not the merged model: verify says so with exit code 1.
     failed = _run("verify", fixture.base, "--checkpoint", fixture.checkpoint)
     assert failed.exit_code == 1
-    assert json.loads(failed.stdout)["passed"] is False and failed.stderr.startswith("FAIL")
+    assert failed.stdout.startswith("FAIL: ") and "top-1 agreement" in failed.stdout
+
+    # The same check against the PEFT adapter exported from the checkpoint, on real prompts.
+    assert _run("export-adapter", fixture.checkpoint, "-o", tmp_path / "adapter").exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("t1 t2 t3 t4\n\nt9 t8 t7\nt5 t5 t5 t5 t5 t5\n")
+    with_adapter = _run("verify", tmp_path / "merged", "--adapter", tmp_path / "adapter", "--base-model",
+                        fixture.base, "--prompts", prompts)
+    assert with_adapter.exit_code == 0, with_adapter.output
+    assert with_adapter.stdout.startswith("PASS: ") and "on 3 prompts from" in with_adapter.stdout
+    assert _run("verify", fixture.base, "--adapter", tmp_path / "adapter", "--base-model", fixture.base,
+                "--prompts", prompts).exit_code == 1
+    neither = _run("verify", tmp_path / "merged")
+    assert neither.exit_code == 2 and "--checkpoint or --adapter" in neither.stderr

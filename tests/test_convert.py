@@ -4,6 +4,8 @@ loads with the plain Auto class, and reproduces what the live engine computed at
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -141,3 +143,16 @@ def test_output_that_is_not_empty_is_refused(trained, tmp_path):
         convert_fixture(fixture, output)
     assert [p.name for p in output.iterdir()] == ["notes.txt"]
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_model_card_and_run_report_say_where_the_model_came_from(converted):
+    fixture, output, report = converted("trainer-z3-bf16")
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ")
+    assert f"`{fixture.checkpoint}`" in card and f"`{report.tag}` (optimizer step {fixture.spec.steps})" in card
+    for library in ("zero2merged", "deepspeed", "peft", "transformers", "torch"):
+        assert f"{library} {version(library)}" in card
+    parity = report.stage("merge").metrics["parity"]
+    assert f"max abs diff {parity['max_abs_diff']:.3g}" in card
+    saved = json.loads((Path(report.work_dir) / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report.to_dict()))

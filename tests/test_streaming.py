@@ -18,9 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 def _assert_identical(streamed, in_memory):
+    """Weights, index, configs and tokenizer identical; the model cards differ only in the checks each path
+    made (per layer when streaming, on the whole model in memory)."""
     names = [p.relative_to(in_memory) for p in files_in(in_memory)]
     assert [p.relative_to(streamed) for p in files_in(streamed)] == names
     for name in names:
+        if str(name) == "README.md":
+            continue
         assert (streamed / name).read_bytes() == (in_memory / name).read_bytes(), name
 
 

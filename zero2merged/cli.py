@@ -37,11 +37,15 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-def _quiet_libraries(debug: bool) -> None:
+def _configure_output(debug: bool, verbosity: int) -> None:
     # Only files are read, so no accelerator is needed; naming one keeps DeepSpeed from printing its
     # accelerator guess on stdout (which would break --json). A user's own choice is kept.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Stage progress is logged (stderr): -q keeps errors and warnings only (and no progress bars), -v adds
+    # the details, --debug everything, the libraries' own logs included.
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("zero2merged").setLevel(logging.DEBUG if debug else level)
     if not debug:
         import warnings
 
@@ -56,9 +60,11 @@ def _quiet_libraries(debug: bool) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zero2merged")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and library logs.")
-def main(debug: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result and errors: no stage log, no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail about each stage.")
+def main(debug: bool, quiet: bool, verbose: bool) -> None:
     """Turn the DeepSpeed ZeRO checkpoint of a LoRA fine-tune into one merged, verified model."""
-    _quiet_libraries(debug)
+    _configure_output(debug, -1 if quiet else int(verbose))
 
 
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
@@ -155,31 +161,43 @@ def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora,
 
 @main.command()
 @click.argument("merged", type=click.Path(exists=True, file_okay=False))
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The checkpoint folder the merged model was made from.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
+              help="The DeepSpeed checkpoint folder the merged model was made from.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="Or: a PEFT adapter folder (adapter_config.json + weights), with --base-model.")
 @base_model_option
 @tag_option
 @adapter_config_option
 @inference_options
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="A text file, one prompt per line, tokenized with the base's tokenizer [default: random ids].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @unsafe_pickle_option
-def verify(merged, checkpoint, base_model, tag, adapter_config, lora_alpha, use_rslora) -> None:
-    """Check that MERGED behaves like the unmerged model of CHECKPOINT; print a JSON report.
+def verify(merged, checkpoint, adapter, base_model, tag, adapter_config, lora_alpha, use_rslora, prompts,
+           as_json) -> None:
+    """Check that MERGED behaves like the unmerged model (from --checkpoint, or --adapter + --base-model).
 
     Exit code 0 when the parity is within tolerance, 1 when not.
 
     \b
-    Example:
+    Examples:
         zero2merged verify merged --checkpoint run/checkpoint-500
+        zero2merged verify merged --adapter adapter --base-model /models/base --prompts prompts.txt
     """
     from zero2merged.verify import verify as run_verify
 
-    report = run_verify(merged, checkpoint, base_model=base_model, tag=tag, adapter_config=adapter_config,
-                        lora_alpha=lora_alpha, use_rslora=use_rslora)
-    click.echo(json.dumps(report.to_dict(), indent=2))
+    report = run_verify(merged, checkpoint, adapter=adapter, base_model=base_model, tag=tag,
+                        adapter_config=adapter_config, lora_alpha=lora_alpha, use_rslora=use_rslora, prompts=prompts)
     p = report.parity
     verdict = "PASS" if report.passed else "FAIL"
-    click.echo(f"{verdict}: max rel diff {p['max_rel_diff']:.3g}, top-1 agreement {p['top1_agreement']:.4f} "
-               f"({report.merged_dtype} tolerance {report.tolerance})", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{verdict}: {report.merged} ({report.merged_dtype}) vs the unmerged model from {report.source}"
+                   f"{f' [{report.tag}]' if report.tag else ''} on {report.inputs}: max abs diff "
+                   f"{p['max_abs_diff']:.3g}, max rel diff {p['max_rel_diff']:.3g}, top-1 agreement "
+                   f"{p['top1_agreement']:.4f} (tolerance: max rel diff {report.tolerance['max_rel_diff']:g}, "
+                   f"top-1 {report.tolerance['min_top1']:g})")
     if not report.passed:
         sys.exit(1)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from zero2merged.errors import Zero2MergedError
@@ -45,9 +46,33 @@ def join_launched_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
+@contextlib.contextmanager
+def outside_training_zero3() -> Iterator[None]:
+    """Build models as plain modules even inside a ZeRO-3 training process (a Trainer's callback): there
+    transformers builds every model under ``deepspeed.zero.Init``, partitioning it across the ranks with
+    collectives that only rank 0 would enter. Its switch is a module global with an unset function but no
+    set-back, so it is saved and restored here."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without its DeepSpeed integration
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def on_rank_zero(work: Callable[[Channel | None], Any]) -> Any:
     """Run ``work`` on rank 0 of an initialized process group; the other ranks serve its tasks meanwhile,
     then return its result (or raise its error). Without a process group, ``work(None)`` runs here."""
+    with outside_training_zero3():
+        return _on_rank_zero(work)
+
+
+def _on_rank_zero(work: Callable[[Channel | None], Any]) -> Any:
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed support

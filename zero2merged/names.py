@@ -35,11 +35,13 @@ REBUILD = "rebuild.json"  # stage 3: the model class and LoRA config the wrapper
 LOAD = "load.json"  # stage 4: where every key came from
 MERGED = "merged"  # stage 5: the merged model in fp32 (save_pretrained layout)
 PROBES = "probes.safetensors"  # stage 5: probe inputs and the unmerged / merged outputs on them
+REPORT = "report.json"  # the last run's report: every stage, ran or skipped, times, metrics
 
 # In the output: transformers' names (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME).
 WEIGHTS = "model.safetensors"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"  # how save_pretrained names shards
 WEIGHTS_INDEX = "model.safetensors.index.json"
+MODEL_CARD = "README.md"  # provenance and checks, beside the weights (the Hub shows it)
 
 # Beside the output: the model is written here, verified, then renamed into place.
 PARTIAL_SUFFIX = ".zero2merged-partial"

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zero2merged import names
+from zero2merged import modelcard, names
 from zero2merged.basemodel import base_config, base_dtype
 from zero2merged.distributed import on_rank_zero
 from zero2merged.errors import OutputError
@@ -349,8 +349,10 @@ def _convert_locked(folder: Path, tag: str, output: Path, work: Path, *, lora, d
         conversion.merge(info, ignore_base_mismatch=ignore_base_mismatch, dtype=out_dtype,
                          max_shard_size=max_shard_size)
         conversion.save(info, dtype=out_dtype, max_shard_size=max_shard_size)
-    return ConvertReport(checkpoint=info.checkpoint, tag=info.tag, output=str(output), work_dir=str(work),
-                         dtype=out_dtype, stages=run.reports, warnings=info.warnings)
+        report = ConvertReport(checkpoint=info.checkpoint, tag=info.tag, output=str(output), work_dir=str(work),
+                               dtype=out_dtype, stages=run.reports, warnings=info.warnings)
+        write_text_atomic(work / names.REPORT, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
 
 
 @dataclass
@@ -480,13 +482,18 @@ class _Conversion:
             return
         _check_output_free(self.output)
 
+        merge_parity = run.manifest.stages["merge"]["metrics"]["parity"]
+
+        def card(save_parity: dict | None) -> str:
+            return modelcard.render(info, dtype=dtype, merge_parity=merge_parity, save_parity=save_parity)
+
         def body():
             if self.streaming:
                 metrics = publish(self.work, self.output, auto_class=auto_class, dtype=dtype,
-                                  tokenizer_sources=tokenizer_sources)
+                                  tokenizer_sources=tokenizer_sources, card=card)
             else:
                 metrics = save(self.work, self.output, auto_class=auto_class, dtype=dtype,
-                               max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources)
+                               max_shard_size=max_shard_size, tokenizer_sources=tokenizer_sources, card=card)
             return None, {**metrics, "output": str(self.output)}
         run.run("save", fp, body, lambda: files_in(self.output), root=self.output,
                 scratch=(partial_path(self.output),))

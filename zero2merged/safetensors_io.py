@@ -37,6 +37,11 @@ _FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
 
 
+def writer_bytes(specs: dict[str, tuple[torch.dtype, list[int]]]) -> int:
+    """The data bytes of the tensors ``specs`` describes."""
+    return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size() for dtype, shape in specs.values())
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (made contiguous), without a copy when it already is."""
     flat = tensor.detach().contiguous().reshape(-1)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.basemodel import base_config, base_dtype, load_base
-from zero2merged.errors import VerificationError
+from zero2merged import names
+from zero2merged.basemodel import auto_class_name, base_config, base_dtype, first_line, load_base
+from zero2merged.errors import AdapterConfigError, BaseModelError, OutputError, VerificationError
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs, probe_inputs
 from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint
 from zero2merged.stages.load import load_weights
@@ -31,12 +32,13 @@ def unmerged_model(info: CheckpointInfo):
 
 @dataclass
 class VerifyReport:
-    """Parity of a merged model with the unmerged model rebuilt from the checkpoint."""
+    """Parity of a merged model with the unmerged model (from a checkpoint, or a base + PEFT adapter)."""
 
     merged: str
-    checkpoint: str
-    tag: str
+    source: str
+    tag: str | None
     merged_dtype: str
+    inputs: str
     parity: dict
     tolerance: dict
     passed: bool
@@ -47,31 +49,49 @@ class VerifyReport:
 
 def verify(
     merged: Path | str,
-    checkpoint: Path | str,
+    checkpoint: Path | str | None = None,
     *,
+    adapter: Path | str | None = None,
     base_model: str | None = None,
     tag: str | None = None,
     adapter_config: Path | str | None = None,
     lora_alpha: float | None = None,
     use_rslora: bool = False,
+    prompts: Path | str | None = None,
 ) -> VerifyReport:
-    """Compare a merged model's outputs with the unmerged model rebuilt from the checkpoint.
+    """Compare a merged model's outputs with the unmerged model's.
 
-    Both run in fp32 on the same probe inputs; the tolerance is the one for the merged model's stored
-    dtype. The merged model may come from anywhere (zero2merged or a manual recipe).
+    The unmerged model is rebuilt from a DeepSpeed ``checkpoint`` (its fp32 masters), or is ``base_model``
+    with a PEFT ``adapter`` folder. Both run in fp32 on the same inputs: seeded random token ids, or the
+    lines of a ``prompts`` text file tokenized with the base's tokenizer. The tolerance is the one for the
+    merged model's stored dtype. The merged model may come from anywhere (zero2merged or a manual recipe).
 
     Returns:
         The report; ``passed`` says whether the parity is within tolerance.
 
     Raises:
-        Zero2MergedError: the inputs cannot be read.
+        Zero2MergedError: the inputs cannot be read, or neither (or both) of checkpoint and adapter given.
     """
-    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model,
-                              lora_alpha=lora_alpha, use_rslora=use_rslora)
-    unmerged, rebuilt = unmerged_model(info)
+    if (checkpoint is None) == (adapter is None):
+        raise OutputError("give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
+                          "(--checkpoint or --adapter), one of them")
+    if checkpoint is not None:
+        info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model,
+                                  lora_alpha=lora_alpha, use_rslora=use_rslora)
+        unmerged, rebuilt = unmerged_model(info)
+        auto_class, base, source, tag = rebuilt["auto_class"], info.base_model, info.checkpoint, info.tag
+    else:
+        if base_model is None:
+            raise OutputError("--adapter needs --base-model: the model the adapter was trained on")
+        unmerged, auto_class = _adapter_model(Path(adapter), base_model)
+        base, source, tag = base_model, str(Path(adapter).resolve()), None
     merged_dtype = base_dtype(base_config(str(merged)))
-    merged_model = load_base(rebuilt["auto_class"], str(merged), torch.float32)
-    inputs = probe_inputs(merged_model.config)
+    merged_model = load_base(auto_class, str(merged), torch.float32)
+    if prompts is None:
+        inputs, described = probe_inputs(merged_model.config), "seeded random token ids"
+    else:
+        inputs = prompt_inputs(Path(prompts), base, merged_model.config)
+        described = f"{len(inputs['input_ids'])} prompts from {Path(prompts).resolve()}"
     parity = compare(outputs(merged_model, inputs), outputs(unmerged, inputs))
     tolerance = SAVE_TOLERANCES[merged_dtype]
     try:
@@ -79,5 +99,42 @@ def verify(
         passed = True
     except VerificationError:
         passed = False
-    return VerifyReport(merged=str(Path(merged).resolve()), checkpoint=info.checkpoint, tag=info.tag,
-                        merged_dtype=merged_dtype, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
+    return VerifyReport(merged=str(Path(merged).resolve()), source=source, tag=tag, merged_dtype=merged_dtype,
+                        inputs=described, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
+
+
+def _adapter_model(adapter: Path, base_model: str):
+    """The base with a PEFT adapter folder loaded on it (fp32), and the Auto class used."""
+    import json
+
+    from peft import PeftModel
+
+    config_path = adapter / names.ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise AdapterConfigError(f"{adapter} is not a PEFT adapter folder: no {names.ADAPTER_CONFIG}")
+    auto_class = auto_class_name(json.loads(config_path.read_text()), base_config(base_model))
+    base = load_base(auto_class, base_model, torch.float32)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter)).eval(), auto_class
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AdapterConfigError(f"PEFT cannot load the adapter {adapter} on {base_model}: {first_line(e)}") from e
+
+
+def prompt_inputs(path: Path, base_model: str, config) -> dict:
+    """The non-empty lines of ``path``, tokenized with the base's tokenizer and padded to one batch."""
+    from transformers import AutoTokenizer
+
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise OutputError(f"{path} holds no prompts (one per line)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"cannot load the tokenizer of {base_model} for --prompts: {first_line(e)}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    encoded = tokenizer(lines, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, : max(1, inputs["input_ids"].shape[1] // 2)].clone()
+    return inputs

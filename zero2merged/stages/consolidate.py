@@ -16,7 +16,8 @@ import torch
 
 from zero2merged.errors import CheckpointError, VerificationError
 from zero2merged.manifest import replacing
-from zero2merged.safetensors_io import Reader, Writer
+from zero2merged.progress import Progress
+from zero2merged.safetensors_io import Reader, Writer, writer_bytes
 from zero2merged.stages.inspect import CheckpointInfo
 from zero2merged.zero import ZeroReader
 
@@ -40,9 +41,11 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
     reader = ZeroReader(info.tag_dir, layout)
     specs = reader.specs()
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(layout.shared, sort_keys=True)}
-    with replacing(path) as tmp:
+    sizes = {name: math.prod(shape) for name, (_, shape) in specs.items()}
+    with replacing(path) as tmp, Progress("consolidate", writer_bytes(specs), len(specs)) as progress:
         with Writer(tmp, specs, metadata) as writer:
             for name, offset, piece in reader.pieces():
+                progress.update(piece.numel() * piece.element_size(), offset + piece.numel() == sizes[name])
                 start = offset * piece.element_size()
                 if name in layout.trainable_shapes:
                     if not torch.isfinite(piece).all():

@@ -33,6 +33,7 @@ from zero2merged.parity import (
     outputs,
     probe_inputs,
 )
+from zero2merged.progress import Progress
 from zero2merged.safetensors_io import Reader, Writer
 
 
@@ -137,21 +138,24 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
     readers: dict[str, Reader] = {}
     layers: dict[str, dict] = {}  # merged weights of a layer, until each is written
     worst = Parity(0.0, 0.0, 1.0, 0)
-    for shard in shards:
-        tensor_names = plan.split.filename_to_tensors[shard]
-        specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
-        with Writer(staged / shard, specs, {"format": "pt"}) as writer:
-            for name in tensor_names:
-                obj, dtype = plan.state[name], plan.out[name].dtype
-                if id(obj) in plan.merged_by:
-                    path, layer, param = plan.merged_by[id(obj)]
-                    if path not in layers:
-                        layers[path], parity = _merge_layer(path, layer, adapter, sources, readers, device)
-                        worst = _worse(worst, parity)
-                    writer.write(name, _cast(layers[path].pop(param), dtype, name))  # an emptied layer stays merged
-                else:
-                    source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
-                    _copy(writer, name, source, dtype, readers)
+    tensors = sum(len(plan.split.filename_to_tensors[shard]) for shard in shards)
+    with Progress("merge", sum(plan.shard_bytes(shard) for shard in shards), tensors) as progress:
+        for shard in shards:
+            tensor_names = plan.split.filename_to_tensors[shard]
+            specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
+            with Writer(staged / shard, specs, {"format": "pt"}) as writer:
+                for name in tensor_names:
+                    progress.update(plan.out[name].numel() * plan.out[name].element_size(), tensor_done=True)
+                    obj, dtype = plan.state[name], plan.out[name].dtype
+                    if id(obj) in plan.merged_by:
+                        path, layer, param = plan.merged_by[id(obj)]
+                        if path not in layers:
+                            layers[path], parity = _merge_layer(path, layer, adapter, sources, readers, device)
+                            worst = _worse(worst, parity)
+                        writer.write(name, _cast(layers[path].pop(param), dtype, name))  # an emptied layer stays merged
+                    else:
+                        source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
+                        _copy(writer, name, source, dtype, readers)
     return {"parity": worst.to_dict()}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def save(
     dtype: str,
     max_shard_size: str | int,
     tokenizer_sources: list[Path | str],
+    card: Callable[[dict | None], str],
 ) -> dict:
     """Stage 6: write the merged model to ``output`` in ``dtype``; verify; move into place.
 
@@ -50,6 +52,7 @@ def save(
         dtype: ``fp32``, ``bf16`` or ``fp16``.
         max_shard_size: Largest shard, e.g. ``"5GB"``.
         tokenizer_sources: Folders to take the tokenizer from, first match wins.
+        card: The model card's text, given this stage's parity figures.
 
     Returns:
         Metrics: files, bytes, and parity of the saved model with the fp32 merge.
@@ -67,6 +70,7 @@ def save(
     probes.pop("unmerged")
     parity = _verify(staged, model, auto_class, DTYPES[dtype], probes, reference)
     parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
+    (staged / names.MODEL_CARD).write_text(card(parity.to_dict()))
 
     replace_dir(staged, output)
     files = files_in(output)
@@ -86,6 +90,7 @@ def publish(
     auto_class: str,
     dtype: str,
     tokenizer_sources: list[Path | str],
+    card: Callable[[dict | None], str],
 ) -> dict:
     """Stage 6 (streaming): put the model files stage 5 wrote in place, with the tokenizer, verified.
 
@@ -105,6 +110,7 @@ def publish(
         _link_or_copy(file, staged / file.name)
     tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
     _verify_structure(staged, auto_class, DTYPES[dtype])
+    (staged / names.MODEL_CARD).write_text(card(None))
     replace_dir(staged, output)
     files = files_in(output)
     return {"dtype": dtype, "files": len(files), "bytes": sum(f.stat().st_size for f in files),

@@ -1,0 +1,79 @@
+"""The model card (``README.md``) written into every merged output: where the model came from and how it
+was checked. It holds no timestamps or absolute timings, so the same input still gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+
+from zero2merged.stages.inspect import CheckpointInfo
+
+LIBRARIES = ("zero2merged", "deepspeed", "peft", "transformers", "torch", "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def render(info: CheckpointInfo, *, dtype: str, merge_parity: dict, save_parity: dict | None) -> str:
+    """The card's Markdown, front matter first (the Hugging Face Hub reads ``base_model`` and ``tags``)."""
+    layout, lora = info.layout, info.lora_config
+    versions = library_versions()
+    lora_fields = {key: lora.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora",
+                                                  "rank_pattern", "alpha_pattern", "modules_to_save",
+                                                  "task_type") if lora.get(key) not in (None, {}, [])}
+    checks = [f"- Each LoRA layer merged by PEFT and compared with the unmerged layer on seeded probe inputs "
+              f"(fp32): max abs diff {merge_parity['max_abs_diff']:.3g}, top-1 agreement "
+              f"{merge_parity['top1_agreement']:.4f} over {merge_parity.get('layers')} layers."
+              if "layers" in merge_parity else
+              f"- Merged vs unmerged model (PEFT `merge_and_unload`, fp32) on seeded probe inputs: max abs diff "
+              f"{merge_parity['max_abs_diff']:.3g}, top-1 agreement {merge_parity['top1_agreement']:.4f}."]
+    if save_parity:
+        checks.append(f"- This {dtype} model reloaded with the plain Auto class vs the fp32 merge: max abs diff "
+                      f"{save_parity['max_abs_diff']:.3g}, top-1 agreement {save_parity['top1_agreement']:.4f}.")
+    checks.append("- Every weight written once (tied ones once), named and sharded as `save_pretrained` writes "
+                  "them, checked against the model the saved config builds.")
+    lines = [
+        "---",
+        f"base_model: {json.dumps(info.base_model)}",
+        "library_name: transformers",
+        "tags:",
+        "- lora-merged",
+        "- deepspeed",
+        "- zero2merged",
+        "---",
+        "",
+        "# Merged LoRA model",
+        "",
+        f"The base model with its LoRA adapter merged in (W0 + scaling·B·A, by PEFT), written in {dtype} by "
+        f"zero2merged {versions['zero2merged']} from a DeepSpeed ZeRO checkpoint. It loads with "
+        "`from_pretrained` alone: no PEFT, no DeepSpeed.",
+        "",
+        "## Provenance",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| source checkpoint | `{info.checkpoint}` |",
+        f"| tag | `{info.tag}` (optimizer step {layout.global_step}) |",
+        f"| ZeRO | stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype} training, saved by "
+        f"DeepSpeed {layout.ds_version} |",
+        f"| trained weights | the fp32 master copies ({len(layout.trainable_shapes)} tensors) |",
+        f"| base model | `{info.base_model}` |",
+        f"| LoRA config | `{json.dumps(lora_fields, sort_keys=True)}` (from `{info.adapter_config_path}`) |",
+        "| converted with | " + ", ".join(f"{name} {v}" for name, v in versions.items()) + " |",
+        "",
+        "## Checks",
+        "",
+        *checks,
+        "",
+        "Check it again at any time: `zero2merged verify <this folder> --checkpoint <source checkpoint>`.",
+        "",
+    ]
+    return "\n".join(lines)
