@@ -71,6 +71,8 @@ def test_inspect_readable_and_json(trained):
     result = _run("inspect", fixture.checkpoint)
     assert result.exit_code == 0
     assert "stage 3, 2 ranks, bf16" in result.output and "not saved: taken from the base" in result.output
+    assert "8 tensors, 3,584 params, 14.3 KB (fp32 masters)" in result.output  # r=8 on q, v of 2 layers x 64
+    assert "adapter_model.safetensors holds the Trainer's 16-bit copies" in result.output
     data = json.loads(_run("inspect", fixture.checkpoint, "--json").output)
     assert data["layout"]["zero_stage"] == 3 and data["tag"] == "global_step6"
 

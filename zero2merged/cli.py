@@ -242,6 +242,8 @@ def _targets(lora: dict) -> str:
 
 def format_info(info) -> str:
     """Stage 1's findings as a readable block."""
+    from zero2merged.pipeline import human_size
+
     layout = info.layout
     trainable = sum(math.prod(s) for s in layout.trainable_shapes.values())
     frozen = sum(math.prod(s) for s in layout.frozen.values())
@@ -254,8 +256,10 @@ def format_info(info) -> str:
         ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
         ("step", layout.global_step),
         ("ZeRO", f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}"),
-        ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params (fp32 masters)"),
-        ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, {saved}"),
+        ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, {human_size(4 * trainable)} "
+                      "(fp32 masters)"),
+        ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, "
+                   f"{human_size(frozen * (4 if layout.dtype == 'fp32' else 2))}, {saved}"),
         ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha'):g}, targets {_targets(lora)}, "
                  f"adapter '{info.adapter_name}'"),
         ("LoRA config", info.adapter_config_path),

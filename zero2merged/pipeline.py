@@ -102,7 +102,7 @@ def _headline(stage: StageReport) -> str:
     if stage.name == "inspect":
         return f"ZeRO-{m.get('zero_stage')}, {m.get('world_size')} ranks, {m.get('dtype')}"
     if stage.name == "consolidate":
-        return f"{m.get('trainable')} trainable + {m.get('frozen')} frozen tensors, {_size(m.get('bytes', 0))}"
+        return f"{m.get('trainable')} trainable + {m.get('frozen')} frozen tensors, {human_size(m.get('bytes', 0))}"
     if stage.name == "rebuild":
         return f"{m.get('model_class')} wrapped by {m.get('peft_class')}"
     if stage.name == "merge":
@@ -111,11 +111,12 @@ def _headline(stage: StageReport) -> str:
     if stage.name == "load":
         return f"{m.get('from_checkpoint')} tensors from the checkpoint, {m.get('from_base')} from the base"
     if stage.name == "save":
-        return f"{m.get('files')} files, {_size(m.get('bytes', 0))}"
+        return f"{m.get('files')} files, {human_size(m.get('bytes', 0))}"
     return ""
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
+    """Bytes as people read them: 231.6 KB, 1.5 GB."""
     units = ("B", "KB", "MB", "GB", "TB")
     step = 0
     while count >= 1000 and step < len(units) - 1:

@@ -223,8 +223,12 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
     return features, []
 
 
-def _warnings(layout: ZeroLayout) -> list[str]:
+def _warnings(layout: ZeroLayout, folder: Path) -> list[str]:
     notes = []
+    if (folder / "adapter_model.safetensors").is_file():
+        notes.append("the checkpoint's adapter_model.safetensors holds the Trainer's 16-bit copies of the adapter "
+                     "(empty under ZeRO-3 unless gathered): the fp32 masters are used instead, and "
+                     "'zero2merged export-adapter' writes them as a PEFT adapter")
     if layout.frozen_source is None:
         notes.append("frozen params were not saved (exclude_frozen_parameters): they are taken from the base model")
     elif layout.frozen_source == "module":
@@ -281,5 +285,5 @@ def inspect_checkpoint(
         base_model=base,
         features=describe(lora, keys) + base_traits,
         inferred=inferred,
-        warnings=_warnings(layout) + base_warnings,
+        warnings=_warnings(layout, folder) + base_warnings,
     )
