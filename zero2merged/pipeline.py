@@ -3,7 +3,8 @@
 ``convert`` runs inspect → consolidate → rebuild → load → merge → save. Each stage's inputs are
 fingerprinted (options, input file stats, the sha256 of the upstream artifacts) and its record kept in the
 work directory's manifest; a stage whose record matches and whose files still hash the same is skipped.
-Rebuild and load produce a model in memory only: they are redone whenever merge must run.
+Rebuild, load and merge share a model held in memory (on the meta device when streaming), so they are
+skipped or run together. Streaming (the default) or in memory, the files written are the same.
 """
 
 from __future__ import annotations

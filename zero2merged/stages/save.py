@@ -1,9 +1,13 @@
 """Stage 6, save: the merged model as ``save_pretrained`` writes it, verified before it is put in place.
 
-The model is written beside the output (``.<name>.zero2merged-partial``) in the chosen dtype, sharded with an
-index, tied weights written once, with the tokenizer and generation config. Only after a reload with the
-plain Auto class gives back every tensor exactly and reproduces the merged outputs is it renamed into place:
-the output folder never holds a model that looks complete but is not.
+The model is assembled beside the output (``.<name>.zero2merged-partial``) in the chosen dtype, sharded with
+an index, tied weights written once, with the tokenizer, generation config and model card, and renamed into
+place only once verified: the output folder never holds a model that looks complete but is not.
+
+Streaming (:func:`publish`), stage 5 already wrote the weights and configs: they are hard-linked in and
+checked against the model the plain Auto class builds from the saved config. In memory (:func:`save`),
+``save_pretrained`` writes them, and a reload with the plain Auto class must give back every tensor exactly
+and reproduce the merged outputs.
 """
 
 from __future__ import annotations
