@@ -17,6 +17,7 @@ from safetensors import safe_open
 from zero2merged import names
 from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
+from zero2merged.progress import Progress
 from zero2merged.safetensors_io import Reader
 from zero2merged.stages.inspect import CheckpointInfo
 
@@ -95,17 +96,20 @@ def plan_sources(
     base = base_weights(info.base_model)
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
-    for key in saved.keys():
-        _place(state, key, saved.shape(key))
-        sources[key] = [str(consolidated), key]
-        if key in info.layout.frozen:
-            where = _in_base(key, rebuilt, base)
-            if where is None:
-                raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
-                                     "architecture this run trained")
-            diff = _chunked_difference(saved, key, Reader(Path(where[0])), where[1], resized.get(key))
-            if diff is not None:
-                mismatched.append((key, diff))
+    frozen = [key for key in saved.keys() if key in info.layout.frozen]
+    with Progress("load: frozen vs base", sum(saved.file_range(key)[1] for key in frozen), len(frozen)) as progress:
+        for key in saved.keys():
+            _place(state, key, saved.shape(key))
+            sources[key] = [str(consolidated), key]
+            if key in info.layout.frozen:
+                where = _in_base(key, rebuilt, base)
+                if where is None:
+                    raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
+                                         "architecture this run trained")
+                diff = _chunked_difference(saved, key, Reader(Path(where[0])), where[1], resized.get(key))
+                if diff is not None:
+                    mismatched.append((key, diff))
+                progress.update(saved.file_range(key)[1], tensor_done=True)
     accounting, from_base = _account(state, list(sources), info, rebuilt["resized_vocab"], mismatched,
                                      ignore_base_mismatch)
     for key in from_base:
