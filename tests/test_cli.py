@@ -56,6 +56,8 @@ def test_usage_error_exit_2(tmp_path):
     assert _run("convert", tmp_path).exit_code == 2  # --output missing
     assert _run("convert", tmp_path, "-o", tmp_path / "x", "--dtype", "int8").exit_code == 2
     assert _run("convert", tmp_path, "-o", tmp_path / "x", "--workers", "0").exit_code == 2
+    both = _run("convert", tmp_path, "-o", tmp_path / "x", "--workers", "2", "--in-memory")
+    assert both.exit_code == 2 and "apply to the streaming conversion" in both.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

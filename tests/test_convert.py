@@ -4,11 +4,11 @@ loads with the plain Auto class, and reproduces what the live engine computed at
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch

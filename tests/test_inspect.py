@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from fixtures import SPECS
-from zero2merged import AdapterConfigError, BaseModelError, CheckpointError, inspect_checkpoint
+from zero2merged import (
+    AdapterConfigError,
+    BaseModelError,
+    CheckpointError,
+    inspect_checkpoint,
+)
 from zero2merged.stages.inspect import CheckpointInfo, resolve_tag
 
 

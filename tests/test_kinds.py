@@ -11,11 +11,22 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+)
 
 import zero2merged
 from fixtures.models import VOCAB_SIZE, auto_class
-from tests.helpers import convert_fixture, reference_consolidated, reference_model, saved_state
+from tests.helpers import (
+    convert_fixture,
+    reference_consolidated,
+    reference_model,
+    saved_state,
+)
 from zero2merged import AdapterConfigError, CheckpointError, inspect_checkpoint
 from zero2merged.zero import ZeroLayout
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from zero2merged.manifest import Manifest, describe_outputs, fingerprint, write_text_atomic
+from zero2merged.manifest import (
+    Manifest,
+    describe_outputs,
+    fingerprint,
+    write_text_atomic,
+)
 
 
 def test_fingerprint_is_stable_and_sensitive():

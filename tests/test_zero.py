@@ -10,9 +10,9 @@ import torch
 
 from fixtures import SPECS, TESTED
 from tests.helpers import base_state, reference_consolidated
+from zero2merged import names, zero
 from zero2merged.errors import CheckpointError
 from zero2merged.stages.inspect import resolve_tag
-from zero2merged import names, zero
 from zero2merged.zero import ZeroReader, load_pt, rank_files, read_layout
 
 

@@ -308,6 +308,8 @@ def convert(
     if workers < 1:
         raise OutputError(f"workers must be at least 1; got {workers}")
     _check_device(device)
+    if in_memory and (workers > 1 or device != "cpu"):
+        raise OutputError("--workers and --device apply to the streaming conversion; drop --in-memory to use them")
     def work(channel):
         with trusting_pickles() if unsafe_pickle else contextlib.nullcontext():  # or the caller's choice
             return _convert(Path(checkpoint), Path(output), channel=channel, **options)

@@ -8,8 +8,19 @@ from pathlib import Path
 import torch
 
 from zero2merged import names
-from zero2merged.basemodel import auto_class_name, base_config, base_dtype, first_line, load_base
-from zero2merged.errors import AdapterConfigError, BaseModelError, OutputError, VerificationError
+from zero2merged.basemodel import (
+    auto_class_name,
+    base_config,
+    base_dtype,
+    first_line,
+    load_base,
+)
+from zero2merged.errors import (
+    AdapterConfigError,
+    BaseModelError,
+    OutputError,
+    VerificationError,
+)
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs, probe_inputs
 from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint
 from zero2merged.stages.load import load_weights

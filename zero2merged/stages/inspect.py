@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zero2merged import names
-from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
-from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError
+from zero2merged.adapter_keys import (
+    AdapterKeys,
+    describe,
+    infer_lora_config,
+    read_adapter_keys,
+)
+from zero2merged.errors import (
+    AdapterConfigError,
+    BaseModelError,
+    CheckpointError,
+    Zero2MergedError,
+)
 from zero2merged.zero import ZeroLayout, read_layout
 
 INFERRED = "inferred from the checkpoint's keys"  # adapter_config_path when no config was saved
@@ -199,7 +209,13 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
 
     Returns (features, warnings); a base that cannot be read is a warning here (convert will stop on it).
     """
-    from zero2merged.basemodel import auto_class_name, base_config, checkpoint_vocab, embedding_modules, meta_model
+    from zero2merged.basemodel import (
+        auto_class_name,
+        base_config,
+        checkpoint_vocab,
+        embedding_modules,
+        meta_model,
+    )
 
     try:
         config = base_config(base)

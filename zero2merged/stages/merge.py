@@ -297,10 +297,9 @@ def _merge_layer(path: str, layer, adapter: str, sources, readers, device: str) 
     from torch import nn
 
     weights = {}
-    for name, meta in layer.state_dict(keep_vars=True).items():
+    for name in layer.state_dict(keep_vars=True):
         file, key = sources[f"{path}.{name}"]
-        tensor = _reader(file, readers).get(key)
-        tensor = tensor.to(device)
+        tensor = _reader(file, readers).get(key).to(device)
         weights[name] = tensor.float() if tensor.is_floating_point() else tensor  # PEFT merges in fp32 here too
     layer.load_state_dict(weights, assign=True)
     base = layer.get_base_layer()
