@@ -33,7 +33,6 @@ from zero2merged.manifest import (
     fingerprint,
     write_text_atomic,
 )
-from zero2merged.memory import return_large_frees
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.parity import MERGE_TOLERANCE, SAVE_TOLERANCES
 from zero2merged.stages.consolidate import consolidate
@@ -347,8 +346,6 @@ def _convert_locked(folder: Path, tag: str, output: Path, work: Path, *, lora, d
         if not _output_is_ours(run, output):
             _check_output_free(output)  # up front, before any heavy work
         helpers = _Helpers(channel, workers) if not in_memory else None
-        if not in_memory:
-            return_large_frees()
         conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, helpers=helpers, device=device)
         info = conversion.inspect(**lora)
         out_dtype = base_dtype(base_config(info.base_model)) if dtype == "auto" else dtype

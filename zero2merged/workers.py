@@ -27,9 +27,6 @@ def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_s
     from zero2merged.stages.rebuild import rebuild
     from zero2merged.stages.save import DTYPES
 
-    from zero2merged.memory import return_large_frees
-
-    return_large_frees()
     work = Path(work_dir)
     info = CheckpointInfo.from_json((work / names.INSPECT).read_text())
     model, _ = rebuild(info, on_meta=True)
