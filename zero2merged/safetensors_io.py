@@ -205,3 +205,11 @@ class Reader:
         for first in range(0, shape[0], step):
             yield first, self.get(name, slice(first, min(first + step, shape[0])))
 
+
+
+class Readers(dict):
+    """A :class:`Reader` per file path, each header read once however many tensors are read from it."""
+
+    def __missing__(self, path: str) -> Reader:
+        self[path] = reader = Reader(Path(path))
+        return reader

@@ -18,7 +18,7 @@ from zero2merged import names
 from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.progress import Progress
-from zero2merged.safetensors_io import Reader
+from zero2merged.safetensors_io import Reader, Readers
 from zero2merged.stages.inspect import CheckpointInfo
 
 
@@ -92,7 +92,8 @@ def plan_sources(
     """
     state = model.state_dict(keep_vars=True)
     resized = _resized_keys(state, rebuilt["resized_vocab"])
-    saved = Reader(consolidated)
+    readers = Readers()
+    saved = readers[str(consolidated)]
     base = base_weights(info.base_model)
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
@@ -106,7 +107,7 @@ def plan_sources(
                 if where is None:
                     raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
                                          "architecture this run trained")
-                diff = _chunked_difference(saved, key, Reader(Path(where[0])), where[1], resized.get(key))
+                diff = _chunked_difference(saved, key, readers[where[0]], where[1], resized.get(key))
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.file_range(key)[1], tensor_done=True)

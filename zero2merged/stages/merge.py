@@ -34,7 +34,7 @@ from zero2merged.parity import (
     probe_inputs,
 )
 from zero2merged.progress import Progress
-from zero2merged.safetensors_io import Reader, Writer
+from zero2merged.safetensors_io import Readers, Writer
 
 
 def merge(model, work_dir: Path):
@@ -135,7 +135,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
     Raises:
         VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
     """
-    readers: dict[str, Reader] = {}
+    readers = Readers()
     layers: dict[str, dict] = {}  # merged weights of a layer, until each is written
     worst = Parity(0.0, 0.0, 1.0, 0)
     tensors = sum(len(plan.split.filename_to_tensors[shard]) for shard in shards)
@@ -189,7 +189,7 @@ def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: 
     """
     plan = plan_shards(model, dtype, max_shard_size)
     groups = _balanced(plan, 1 + (helpers.size if helpers else 0))
-    pending = helpers.start(groups[1:]) if helpers else (list)
+    pending = helpers.start(groups[1:]) if helpers else list  # list(): no results from elsewhere
     try:
         mine = write_shards(plan, groups[0], adapter, sources, staged, device)
     except BaseException:
@@ -264,15 +264,9 @@ def _untie_if_diverged(model) -> None:
             config.tie_word_embeddings = False
 
 
-def _reader(file: str, readers: dict[str, Reader]) -> Reader:
-    if file not in readers:
-        readers[file] = Reader(Path(file))
-    return readers[file]
-
-
-def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, readers: dict[str, Reader]) -> None:
+def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, readers: Readers) -> None:
     """Copy a weight from its source: file to file when its dtype stays, else a chunk of rows at a time, cast."""
-    reader = _reader(source[0], readers)
+    reader = readers[source[0]]
     if reader.dtype(source[1]) == dtype:
         writer.copy(name, source[0], *reader.file_range(source[1]))
         return
@@ -291,7 +285,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return cast
 
 
-def _merge_layer(path: str, layer, adapter: str, sources, readers, device: str) -> tuple[dict, Parity]:
+def _merge_layer(path: str, layer, adapter: str, sources, readers: Readers, device: str) -> tuple[dict, Parity]:
     """Give one LoRA layer its weights on ``device``, merge it with PEFT, check it; returns its base params,
     merged, on the CPU."""
     from torch import nn
@@ -299,7 +293,7 @@ def _merge_layer(path: str, layer, adapter: str, sources, readers, device: str) 
     weights = {}
     for name in layer.state_dict(keep_vars=True):
         file, key = sources[f"{path}.{name}"]
-        tensor = _reader(file, readers).get(key).to(device)
+        tensor = readers[file].get(key).to(device)
         weights[name] = tensor.float() if tensor.is_floating_point() else tensor  # PEFT merges in fp32 here too
     layer.load_state_dict(weights, assign=True)
     base = layer.get_base_layer()
