@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from zero2merged.stages.load import load_weights, plan_sources, read_consolidate
 from zero2merged.stages.merge import merge, merge_streaming
 from zero2merged.stages.rebuild import rebuild
 from zero2merged.stages.save import DTYPES, partial_path, publish, save
-from zero2merged.workers import LocalHelpers, RankHelpers
+from zero2merged.workers import make_helpers
 from zero2merged.zero import trusting_pickles
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,20 @@ class _Run:
     def digest(self, name: str) -> str:
         """Fingerprint of a finished stage's output files (what the next stage consumes)."""
         return fingerprint(self.manifest.stages[name]["outputs"])
+
+
+@contextlib.contextmanager
+def _work_dir(work: Path) -> Iterator[None]:
+    """Create ``work`` if needed; a first run that fails before any stage finished leaves nothing behind."""
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        stages = Manifest(work / names.MANIFEST).stages.values()
+        if created and not any(record.get("status") == "done" for record in stages):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -323,30 +338,12 @@ def _convert(checkpoint: Path, output: Path, *, tag, lora, dtype, work_dir, max_
     output = output.expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir else output.with_name(output.name + names.WORK_SUFFIX)
     _check_paths(folder, output, work)
-    created = not work.exists()
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        return _convert_locked(folder, tag, output, work, lora=lora, dtype=dtype, max_shard_size=max_shard_size,
-                               force=force, ignore_base_mismatch=ignore_base_mismatch, in_memory=in_memory,
-                               workers=workers, device=device, channel=channel)
-    except BaseException:
-        if created and not _finished_any(work):  # a first run that failed at once leaves nothing behind
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def _finished_any(work: Path) -> bool:
-    return any(r.get("status") == "done" for r in Manifest(work / names.MANIFEST).stages.values())
-
-
-def _convert_locked(folder: Path, tag: str, output: Path, work: Path, *, lora, dtype, max_shard_size, force,
-                    ignore_base_mismatch, in_memory, workers, device, channel) -> ConvertReport:
-    with _locked(work):
+    with _work_dir(work), _locked(work):
         run = _Run(work, force)
         if not _output_is_ours(run, output):
             _check_output_free(output)  # up front, before any heavy work
-        helpers = _Helpers(channel, workers) if not in_memory else None
-        conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, helpers=helpers, device=device)
+        conversion = _Conversion(run, folder, tag, output, streaming=not in_memory, device=device,
+                                 helpers=functools.partial(make_helpers, channel, workers))
         info = conversion.inspect(**lora)
         out_dtype = base_dtype(base_config(info.base_model)) if dtype == "auto" else dtype
         conversion.consolidate(info)
@@ -359,21 +356,6 @@ def _convert_locked(folder: Path, tag: str, output: Path, work: Path, *, lora, d
     return report
 
 
-@dataclass
-class _Helpers:
-    """Who else writes shards: the other ranks of a distributed job, or ``workers - 1`` local processes."""
-
-    channel: Any
-    workers: int
-
-    def make(self, *task):
-        if self.channel is not None:
-            return RankHelpers(self.channel, *task)
-        if self.workers > 1:
-            return LocalHelpers(self.workers - 1, *task)
-        return None
-
-
 class _Conversion:
     """The six stages of one conversion, each run or skipped through the manifest.
 
@@ -384,8 +366,9 @@ class _Conversion:
     """
 
     def __init__(self, run: _Run, folder: Path, tag: str, output: Path, *, streaming: bool,
-                 helpers: _Helpers | None = None, device: str = "cpu"):
+                 helpers: Callable[..., Any], device: str):
         self.run, self.folder, self.tag, self.output = run, folder, tag, output
+        # helpers(work, staged, dtype, max_shard_size, device): the other processes writing shards, or None
         self.streaming, self.helpers, self.device = streaming, helpers, device
         self.work = run.work_dir
         # The rank files, by name, size and mtime: a new save under the same tag changes them.
@@ -458,7 +441,7 @@ class _Conversion:
             if not streaming:
                 return merge(model, self.work)
             staged = fresh_dir(self.work / f".{names.MERGED}.tmp")
-            helpers = self.helpers.make(self.work, staged, dtype, max_shard_size, self.device) if self.helpers else None
+            helpers = self.helpers(self.work, staged, dtype, max_shard_size, self.device)
             metrics = merge_streaming(model, info.adapter_name, plan["sources"], staged, dtype=DTYPES[dtype],
                                       max_shard_size=max_shard_size, base_model=info.base_model, device=self.device,
                                       helpers=helpers)

@@ -49,6 +49,16 @@ class _Helpers:
         raise NotImplementedError
 
 
+def make_helpers(channel, workers: int, *task) -> _Helpers | None:
+    """Who else writes shards: the other ranks of a distributed job (``channel``), or ``workers - 1``
+    local processes; None when this process writes them all. ``task``: see :class:`_Helpers`."""
+    if channel is not None:
+        return RankHelpers(channel, *task)
+    if workers > 1:
+        return LocalHelpers(workers - 1, *task)
+    return None
+
+
 class LocalHelpers(_Helpers):
     """``size`` more processes on this machine (spawned: forking a process that has run torch is unsafe)."""
 
