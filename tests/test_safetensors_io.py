@@ -49,10 +49,10 @@ def test_copied_ranges_land_like_written_tensors(tmp_path):
     specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
     with Writer(tmp_path / "copied.safetensors", specs, {}) as writer:
         for name in tensors:
-            offset, nbytes = source.file_range(name)
+            [(file, offset, nbytes)] = source.ranges(name)
             half = nbytes // 2
-            writer.copy(name, str(tmp_path / "source.safetensors"), offset + half, nbytes - half, half)
-            writer.copy(name, str(tmp_path / "source.safetensors"), offset, half)
+            writer.copy(name, file, offset + half, nbytes - half, half)
+            writer.copy(name, file, offset, half)
     assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "source.safetensors").read_bytes()
 
 
@@ -90,3 +90,29 @@ def test_truncated_file_is_reported(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="truncated"):
         Reader(tmp_path / "t.safetensors").get("w")
+
+
+def test_referenced_tensors_read_from_the_ranges_they_list(tmp_path):
+    """A tensor listed by reference, its bytes split across two other files, reads like a stored one."""
+    tensors = _tensors()
+    weight = tensors.pop("b.weight")
+    raw = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    cut = 5 * 11 * 2 + 6  # not on a row boundary
+    (tmp_path / "one.bin").write_bytes(b"x" * 7 + raw[:cut])
+    (tmp_path / "two.bin").write_bytes(raw[cut:] + b"y" * 3)
+    ranges = [(str(tmp_path / "one.bin"), 7, cut), (str(tmp_path / "two.bin"), 0, len(raw) - cut)]
+    specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
+    with Writer(tmp_path / "t.safetensors", specs, {"format": "pt"},
+                {"b.weight": (weight.dtype, list(weight.shape), ranges)}) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    assert load_file(tmp_path / "t.safetensors").keys() == tensors.keys()  # other readers see the stored ones
+    reader = Reader(tmp_path / "t.safetensors")
+    assert set(reader.keys()) == {*tensors, "b.weight"} and reader.ranges("b.weight") == ranges
+    assert reader.nbytes("b.weight") == len(raw)
+    assert torch.equal(reader.get("b.weight"), weight)
+    assert torch.equal(reader.get("b.weight", slice(3, 30)), weight[3:30])
+    buffer = torch.empty(1000, dtype=torch.uint8)
+    for first, rows in reader.chunks("b.weight", chunk_bytes=200, into=buffer):
+        assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, weight[first: first + len(rows)])
+    assert reader.get("b.weight", into=torch.empty(10, dtype=torch.uint8)).shape == weight.shape  # too small: fresh

@@ -12,7 +12,9 @@ from fixtures import SPECS, TESTED
 from tests.helpers import base_state, reference_consolidated
 from zero2merged import names, zero
 from zero2merged.errors import CheckpointError
-from zero2merged.stages.inspect import resolve_tag
+from zero2merged.safetensors_io import Reader
+from zero2merged.stages.consolidate import consolidate
+from zero2merged.stages.inspect import inspect_checkpoint, resolve_tag
 from zero2merged.zero import ZeroReader, load_pt, rank_files, read_layout
 
 
@@ -150,3 +152,37 @@ def test_released_pieces_leave_no_pages_resident(tmp_path):
     assert touched - before > 48e6
     assert touched - _resident_bytes() > 48e6
     assert tensor.sum().item() == 16 << 20  # read again from the file, unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["engine-z3-bf16", "ranks3-z3", "ranks3-z2", "engine-z1-bf16"])
+def test_consolidated_file_lists_frozen_params_by_reference_and_reads_back_deepspeeds(trained, name, tmp_path,
+                                                                                      monkeypatch):
+    """Stage 2 copies only the trainable masters; the frozen params it lists by their rank-file ranges
+    (one per rank under ZeRO-3, however the reader cut them into pieces) read back as DeepSpeed's."""
+    monkeypatch.setattr(zero, "PIECE_ELEMENTS", 97)
+    fixture = trained(name)
+    info = inspect_checkpoint(fixture.checkpoint)
+    path = tmp_path / "consolidated.safetensors"
+    metrics = consolidate(info, path)
+    saved = Reader(path)
+    frozen = info.layout.frozen
+    assert set(saved.references) == set(frozen) and metrics["frozen_by_reference"] == len(frozen)
+    assert path.stat().st_size < sum(saved.nbytes(key) for key in saved.keys())  # frozen bytes not copied
+    for key in frozen:
+        files = {file for file, _, _ in saved.ranges(key)}
+        assert files <= {str((info.tag_dir / f).resolve()) for f in info.layout.model_files}
+        if info.layout.zero_stage == 3:
+            assert len(saved.ranges(key)) == len(files)  # each rank's fragment is one range
+    aliases = info.layout.shared
+    for key, tensor in reference_consolidated(fixture.checkpoint).items():
+        mine = saved.get(aliases.get(key, key))
+        assert mine.dtype == tensor.dtype and torch.equal(mine, tensor), key
+    if frozen:
+        key = max(frozen, key=lambda k: saved.nbytes(k))
+        buffer = torch.empty(saved.nbytes(key), dtype=torch.uint8)
+        whole, count = saved.get(key), 0
+        for first, rows in saved.chunks(key, chunk_bytes=saved.nbytes(key) // 3, into=buffer):
+            assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, whole[first: first + len(rows)])
+            count += 1
+        assert count > 1

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1  # bump when an artifact's layout changes: older work directories are then redone
+FORMAT = 2  # bump when an artifact's layout changes: older work directories are then redone
 
 
 def fingerprint(inputs: Any) -> str:

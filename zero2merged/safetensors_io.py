@@ -5,6 +5,11 @@ and ``safe_open`` maps the whole file, so every page it touched counts toward ou
 The format is simple and stable (8-byte header length, JSON header, raw little-endian data); the writer
 produces the same bytes as ``safetensors.torch.save_file`` (a test holds it to that), so files written
 here are indistinguishable from those ``save_pretrained`` writes.
+
+One extension, for the work directory only: a file may also list *referenced* tensors, whose bytes stay
+where they already are (byte ranges of other files, such as a checkpoint's rank files) instead of being
+copied in; they are named in the ``zero2merged.references`` metadata entry, and :class:`Reader` reads them
+like the others. Such a file holds no data for them, so other safetensors readers do not see them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ DTYPES: dict[torch.dtype, str] = {
 _RANK = {name: rank for rank, name in enumerate(DTYPES.values())}
 _FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
+REFERENCES_KEY = "zero2merged.references"  # metadata: name -> dtype, shape and the byte ranges holding it
+
+# Where a tensor's bytes lie, in order: (file, byte offset in it, bytes).
+Ranges = list[tuple[str, int, int]]
 
 
 def writer_bytes(specs: dict[str, tuple[torch.dtype, list[int]]]) -> int:
@@ -55,11 +64,17 @@ class Writer:
         path: File to write (created or truncated).
         specs: name -> (dtype, shape) of every tensor the file will hold.
         metadata: The ``__metadata__`` strings.
+        references: name -> (dtype, shape, ranges) of tensors listed by reference (see the module's doc).
     """
 
-    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str]):
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str],
+                 references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None):
         self.path = path
         order = sorted(specs, key=lambda name: (-_RANK[DTYPES[specs[name][0]]], name))
+        if references:
+            listed = {name: {"dtype": DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
+                      for name, (dtype, shape, ranges) in references.items()}
+            metadata = {**metadata, REFERENCES_KEY: json.dumps(listed, sort_keys=True)}
         header: dict = {"__metadata__": metadata} if metadata else {}
         self.extent: dict[str, tuple[int, int]] = {}
         offset = 0
@@ -152,7 +167,10 @@ class Writer:
 
 
 class Reader:
-    """Reads tensors of one safetensors file with ``pread``: no mapping, so nothing read stays resident."""
+    """Reads tensors of one safetensors file with ``pread``: no mapping, so nothing read stays resident.
+
+    Referenced tensors (see the module's doc) are read from the files their ranges name.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -161,50 +179,73 @@ class Reader:
             self.header = json.loads(f.read(length))
         self.metadata: dict[str, str] = self.header.pop("__metadata__", {}) or {}
         self.data_start = 8 + length
+        self.references: dict[str, dict] = json.loads(self.metadata.get(REFERENCES_KEY, "{}"))
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return [*self.header, *self.references]
+
+    def _entry(self, name: str) -> dict:
+        return self.header[name] if name in self.header else self.references[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _FROM_NAME[self.header[name]["dtype"]]
+        return _FROM_NAME[self._entry(name)["dtype"]]
 
     def shape(self, name: str) -> list[int]:
-        return list(self.header[name]["shape"])
+        return list(self._entry(name)["shape"])
 
-    def file_range(self, name: str) -> tuple[int, int]:
-        """Byte offset and length of the tensor ``name`` in the file."""
-        begin, end = self.header[name]["data_offsets"]
-        return self.data_start + begin, end - begin
+    def nbytes(self, name: str) -> int:
+        return sum(nbytes for _, _, nbytes in self.ranges(name))
 
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor ``name`` (or a range of its rows), read into fresh memory."""
+    def ranges(self, name: str) -> Ranges:
+        """Where the bytes of ``name`` lie: ``[(file, offset, bytes)]``, in order (one range unless referenced)."""
+        if name in self.references:
+            return [(file, offset, nbytes) for file, offset, nbytes in self.references[name]["ranges"]]
         begin, end = self.header[name]["data_offsets"]
+        return [(str(self.path), self.data_start + begin, end - begin)]
+
+    def get(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or a range of its rows), read into fresh memory; or into the start of the
+        1-D tensor ``into`` where it is large enough (a buffer reused from read to read: the result is a
+        view of it)."""
         shape, dtype = self.shape(name), self.dtype(name)
+        begin, end = 0, self.nbytes(name)
         if rows is not None:
-            row_bytes = (end - begin) // max(shape[0], 1)
-            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            row_bytes = end // max(shape[0], 1)
+            begin, end = rows.start * row_bytes, rows.stop * row_bytes
             shape = [rows.stop - rows.start, *shape[1:]]
-        tensor = torch.empty(shape, dtype=dtype)  # not zero-filled, unlike a bytearray: it is read over at once
-        view, done = tensor_bytes(tensor), 0
-        with open(self.path, "rb") as f:
-            while done < view.nbytes:
-                got = os.preadv(f.fileno(), [view[done:]], self.data_start + begin + done)
-                if got <= 0:
-                    raise OSError(f"{self.path} is truncated: {name} ends past the end of the file")
-                done += got
+        if into is None or into.numel() * into.element_size() < end - begin:
+            tensor = torch.empty(shape, dtype=dtype)  # not zero-filled, unlike a bytearray: it is read over at once
+        else:
+            tensor = into.view(torch.uint8)[: end - begin].view(dtype).view(shape)
+        self._read(name, begin, tensor_bytes(tensor))
         return tensor
 
-    def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole)."""
+    def _read(self, name: str, begin: int, view: memoryview) -> None:
+        """Bytes ``[begin, begin + len(view))`` of tensor ``name`` into ``view``."""
+        at = 0  # where the current range starts within the tensor
+        for file, offset, nbytes in self.ranges(name):
+            lo, hi = max(begin, at), min(begin + view.nbytes, at + nbytes)
+            if lo < hi:
+                with open(file, "rb") as f:
+                    done = 0
+                    while done < hi - lo:
+                        got = os.preadv(f.fileno(), [view[lo - begin + done: hi - begin]], offset + lo - at + done)
+                        if got <= 0:
+                            raise OSError(f"{file} is truncated: {name} ends past the end of the file")
+                        done += got
+            at += nbytes
+
+    def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES,
+               into: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole);
+        with ``into`` (see :meth:`get`), a piece is only valid until the next one is read."""
         shape = self.shape(name)
         if len(shape) < 2:
-            yield 0, self.get(name)
+            yield 0, self.get(name, into=into)
             return
-        begin, end = self.header[name]["data_offsets"]
-        step = max(1, chunk_bytes // max((end - begin) // max(shape[0], 1), 1))
+        step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
         for first in range(0, shape[0], step):
-            yield first, self.get(name, slice(first, min(first + step, shape[0])))
-
+            yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
 
 
 class Readers(dict):

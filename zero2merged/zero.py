@@ -345,6 +345,23 @@ class ZeroReader:
                 return path, address - start + offset
         return None
 
+    def frozen_ranges(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Where each saved frozen param's bytes lie in the rank files: ``[(file, offset, bytes)]`` in order
+        (a ZeRO-3 param has one range per rank), for the params whose file ranges are all known."""
+        found: dict[str, list[tuple[str, int, int]]] = {}
+        unknown = set()
+        for name, _, piece in self._frozen():
+            where = self.file_range(piece)
+            if where is None:
+                unknown.add(name)
+                continue
+            ranges, nbytes = found.setdefault(name, []), piece.numel() * piece.element_size()
+            if ranges and ranges[-1][0] == where[0] and ranges[-1][1] + ranges[-1][2] == where[1]:
+                ranges[-1] = (where[0], ranges[-1][1], ranges[-1][2] + nbytes)  # the next piece of one fragment
+            else:
+                ranges.append((*where, nbytes))
+        return {name: ranges for name, ranges in found.items() if name not in unknown}
+
     def specs(self) -> dict[str, tuple[torch.dtype, list[int]]]:
         """name -> (dtype, shape) of every tensor, without reading any: masters are fp32."""
         specs = {name: (torch.float32, shape) for name, shape in self.layout.trainable_shapes.items()}

@@ -1,13 +1,18 @@
 """Stage 2, consolidate: every saved param of the checkpoint in one safetensors file.
 
 Trainable params come from the fp32 master copies in the optimizer files (more precise than the 16-bit
-weights the Trainer's adapter file holds); frozen params stay in the dtype they were saved in (lossless, and
-half the bytes of fp32 for a 16-bit run). Keys are the checkpoint's own (PEFT's ``base_model.model.…``).
-The file is written a bounded piece at a time, straight from the memory-mapped rank files.
+weights the Trainer's adapter file holds), written into the file. Frozen params, nearly all of a LoRA
+model's bytes, are listed by reference: the byte ranges of the rank files that hold them, in the dtype
+they were saved in (see :mod:`zero2merged.safetensors_io`). Copying them would write the whole model once
+more, and hash it, for nothing: the later stages read the same bytes from either place, and the rank files
+are inputs of this stage already (a new save under the tag redoes it). Where a file range is unknown (no
+/proc/self/maps), they are copied in. Keys are the checkpoint's own (PEFT's ``base_model.model.…``). The
+file is written a bounded piece at a time, straight from the memory-mapped rank files.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -25,7 +30,8 @@ ALIASES_KEY = "zero2merged.aliases"  # metadata: alias name -> the saved name it
 
 
 def consolidate(info: CheckpointInfo, path: Path) -> dict:
-    """Stage 2: read the rank files and write ``path`` (safetensors), verified against the param tables.
+    """Stage 2: read the rank files and write ``path`` (safetensors, frozen params by reference), verified
+    against the param tables.
 
     Args:
         info: Stage 1's result.
@@ -40,26 +46,26 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
     layout = info.layout
     reader = ZeroReader(info.tag_dir, layout)
     specs = reader.specs()
+    referenced = reader.frozen_ranges()
+    stored = {name: spec for name, spec in specs.items() if name not in referenced}
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(layout.shared, sort_keys=True)}
     sizes = {name: math.prod(shape) for name, (_, shape) in specs.items()}
-    with replacing(path) as tmp, Progress("consolidate", writer_bytes(specs), len(specs)) as progress:
-        with Writer(tmp, specs, metadata) as writer:
+    with replacing(path) as tmp, Progress("consolidate", writer_bytes(stored), len(stored)) as progress:
+        references = {name: (*specs[name], ranges) for name, ranges in referenced.items()}
+        with Writer(tmp, stored, metadata, references) as writer:
             for name, offset, piece in reader.pieces():
+                if name in referenced:
+                    continue
                 progress.update(piece.numel() * piece.element_size(), offset + piece.numel() == sizes[name])
-                start = offset * piece.element_size()
-                if name in layout.trainable_shapes:
-                    if not torch.isfinite(piece).all():
-                        raise CheckpointError(f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
-                                              "training diverged before this save; convert an earlier tag with --tag")
-                    writer.write(name, piece, start)
-                elif where := reader.file_range(piece):  # frozen: stage 4 compares them with the base
-                    writer.copy(name, *where, piece.numel() * piece.element_size(), start)
-                else:
-                    writer.write(name, piece, start)
+                if name in layout.trainable_shapes and not torch.isfinite(piece).all():
+                    raise CheckpointError(f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
+                                          "training diverged before this save; convert an earlier tag with --tag")
+                writer.write(name, piece, offset * piece.element_size())
         _verify(tmp, info, specs, writer.size)
     return {
         "trainable": len(layout.trainable_shapes),
         "frozen": len(layout.frozen),
+        "frozen_by_reference": len(referenced),
         "buffers": len(layout.buffers),
         "bytes": path.stat().st_size,
         "parameters": sum(math.prod(shape) for _, shape in specs.values()),
@@ -67,7 +73,8 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
 
 
 def _verify(path: Path, info: CheckpointInfo, specs: dict, size: int) -> None:
-    """Every name of the checkpoint's shape tables is there with its shape and dtype, the file whole."""
+    """Every name of the checkpoint's shape tables is there with its shape and dtype, the file whole, and
+    every reference within the files it names."""
     if path.stat().st_size != size:
         raise VerificationError(f"{path} is {path.stat().st_size} bytes, {size} were written")
     reader = Reader(path)
@@ -75,10 +82,16 @@ def _verify(path: Path, info: CheckpointInfo, specs: dict, size: int) -> None:
     missing = sorted(set(expected) - set(reader.keys()))
     if missing:
         raise VerificationError(f"{path} lacks {len(missing)} params of the checkpoint, e.g. {missing[0]}")
+    file_size = functools.cache(lambda file: Path(file).stat().st_size)
     for name, shape in expected.items():
         if reader.shape(name) != list(shape) or reader.dtype(name) != specs[name][0]:
             raise VerificationError(f"{path}: {name} reads back as {reader.dtype(name)} {reader.shape(name)}, "
                                     f"{specs[name][0]} {shape} was written")
+        needed = math.prod(shape) * specs[name][0].itemsize
+        if reader.nbytes(name) != needed or any(offset + nbytes > file_size(file)
+                                                 for file, offset, nbytes in reader.ranges(name)):
+            raise VerificationError(f"{path}: {name} spans {reader.nbytes(name)} bytes of its files, "
+                                    f"{needed} are needed")
     for name in info.layout.trainable_shapes:
         if reader.dtype(name) != torch.float32:
             raise VerificationError(f"{path}: trainable {name} is not fp32")

@@ -12,21 +12,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from zero2merged import names
 from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.progress import Progress
-from zero2merged.safetensors_io import Reader, Readers
+from zero2merged.safetensors_io import CHUNK_BYTES, Reader, Readers
 from zero2merged.stages.inspect import CheckpointInfo
 
 
 def read_consolidated(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stage 2's file, one tensor at a time."""
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
+    """Stage 2's file, one tensor at a time (those it lists by reference read from the rank files)."""
+    reader = Reader(path)
+    for key in reader.keys():
+        yield key, reader.get(key)
 
 
 def load_weights(
@@ -98,7 +97,8 @@ def plan_sources(
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
     frozen = [key for key in saved.keys() if key in info.layout.frozen]
-    with Progress("load: frozen vs base", sum(saved.file_range(key)[1] for key in frozen), len(frozen)) as progress:
+    buffers = torch.empty(2, CHUNK_BYTES, dtype=torch.uint8)  # a chunk of each side, reused chunk after chunk
+    with Progress("load: frozen vs base", sum(saved.nbytes(key) for key in frozen), len(frozen)) as progress:
         for key in saved.keys():
             _place(state, key, saved.shape(key))
             sources[key] = [str(consolidated), key]
@@ -107,10 +107,10 @@ def plan_sources(
                 if where is None:
                     raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
                                          "architecture this run trained")
-                diff = _chunked_difference(saved, key, readers[where[0]], where[1], resized.get(key))
+                diff = _chunked_difference(saved, key, readers[where[0]], where[1], resized.get(key), buffers)
                 if diff is not None:
                     mismatched.append((key, diff))
-                progress.update(saved.file_range(key)[1], tensor_done=True)
+                progress.update(saved.nbytes(key), tensor_done=True)
     accounting, from_base = _account(state, list(sources), info, rebuilt["resized_vocab"], mismatched,
                                      ignore_base_mismatch)
     for key in from_base:
@@ -139,15 +139,18 @@ def _difference(saved: torch.Tensor, base: torch.Tensor) -> float | None:
     return (saved.float() - base.float()).abs().max().item()
 
 
-def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: int | None) -> float | None:
-    """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only)."""
+def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: int | None,
+                        buffers: torch.Tensor) -> float | None:
+    """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only), each
+    side read into its row of ``buffers``."""
     worst = None
-    for first, chunk in saved.chunks(key):
+    for first, chunk in saved.chunks(key, into=buffers[0]):
         if rows is not None:
             chunk = chunk[: max(0, rows - first)]
             if chunk.shape[0] == 0:
                 break
-        other = base.get(name, slice(first, first + chunk.shape[0])) if chunk.dim() > 1 else base.get(name)
+        other = (base.get(name, slice(first, first + chunk.shape[0]), buffers[1]) if chunk.dim() > 1
+                 else base.get(name, into=buffers[1]))
         diff = _difference(chunk, other)
         if diff is not None:
             worst = max(worst or 0.0, diff)

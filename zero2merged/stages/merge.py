@@ -268,7 +268,10 @@ def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, read
     """Copy a weight from its source: file to file when its dtype stays, else a chunk of rows at a time, cast."""
     reader = readers[source[0]]
     if reader.dtype(source[1]) == dtype:
-        writer.copy(name, source[0], *reader.file_range(source[1]))
+        start = 0
+        for file, offset, nbytes in reader.ranges(source[1]):
+            writer.copy(name, file, offset, nbytes, start)
+            start += nbytes
         return
     shape = reader.shape(source[1])
     row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
