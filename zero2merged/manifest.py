@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,52 @@ def fingerprint(inputs: Any) -> str:
 
 
 _hashed: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256, for this process
+_hashing: dict[tuple, Future] = {}  # the same key -> a background sync_and_hash still running
+_background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero2merged-sync")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def _key(stat: os.stat_result) -> tuple:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _sha256_fd(fd: int, chunk: int = 1 << 22) -> str:
+    digest, buffer, at = hashlib.sha256(), bytearray(chunk), 0
+    view = memoryview(buffer)
+    while got := os.preadv(fd, [view], at):  # one buffer, reused: no fresh pages per block
+        digest.update(view[:got])
+        at += got
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
     """The file's sha256; a file hashed before in this process, unchanged (a hard link of it, say: the
     output's files are links of the merge stage's), is not read again."""
-    stat = path.stat()
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = _key(path.stat())
+    if key in _hashing:
+        _hashing.pop(key).result()  # raises what the background fsync or read raised
     if key not in _hashed:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-        _hashed[key] = digest.hexdigest()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _hashed[key] = _sha256_fd(fd)
+        finally:
+            os.close(fd)
     return _hashed[key]
+
+
+def sync_and_hash_later(path: Path) -> None:
+    """Flush a finished file to disk and hash it in a background thread, while the caller goes on to write
+    the next one (on another core: both wait on the kernel, not on Python); :func:`sha256_file` waits
+    for the result. The file is opened now, so renaming its folder meanwhile does not matter."""
+    fd = os.open(path, os.O_RDONLY)
+    key = _key(os.fstat(fd))
+
+    def finish() -> None:
+        try:
+            os.fsync(fd)
+            _hashed[key] = _sha256_fd(fd)
+        finally:
+            os.close(fd)
+    _hashing[key] = _background.submit(finish)
 
 
 def files_stat(paths: list[Path]) -> list[list]:

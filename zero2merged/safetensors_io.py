@@ -65,11 +65,12 @@ class Writer:
         specs: name -> (dtype, shape) of every tensor the file will hold.
         metadata: The ``__metadata__`` strings.
         references: name -> (dtype, shape, ranges) of tensors listed by reference (see the module's doc).
+        sync: Flush the file to disk on closing; without it, the caller must (before relying on it).
     """
 
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str],
-                 references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None):
-        self.path = path
+                 references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None, *, sync: bool = True):
+        self.path, self.sync = path, sync
         order = sorted(specs, key=lambda name: (-_RANK[DTYPES[specs[name][0]]], name))
         if references:
             listed = {name: {"dtype": DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
@@ -141,11 +142,12 @@ class Writer:
         self._written[name] += nbytes
 
     def close(self) -> None:
-        """Flush to disk; raise if any tensor was left incomplete."""
+        """Flush to disk (with ``sync``); raise if any tensor was left incomplete."""
         short = [n for n in self.order if self._written[n] != self.extent[n][1] - self.extent[n][0]]
         self._close_sources()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.sync:
+            os.fsync(self._file.fileno())
         self._file.close()
         if short:
             raise ValueError(f"{self.path}: {len(short)} tensors were not written whole, e.g. {short[0]}")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from zero2merged import names
 from zero2merged.basemodel import base_dir, saved_dtypes
 from zero2merged.errors import StreamingUnsupported, VerificationError
-from zero2merged.manifest import replacing
+from zero2merged.manifest import replacing, sync_and_hash_later
 from zero2merged.modelfiles import check_complete, fresh_dir, replace_dir
 from zero2merged.parity import (
     MERGE_TOLERANCE,
@@ -143,7 +143,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
         for shard in shards:
             tensor_names = plan.split.filename_to_tensors[shard]
             specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
-            with Writer(staged / shard, specs, {"format": "pt"}) as writer:
+            with Writer(staged / shard, specs, {"format": "pt"}, sync=False) as writer:
                 for name in tensor_names:
                     progress.update(plan.out[name].numel() * plan.out[name].element_size(), tensor_done=True)
                     obj, dtype = plan.state[name], plan.out[name].dtype
@@ -156,6 +156,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
                     else:
                         source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
                         _copy(writer, name, source, dtype, readers)
+            sync_and_hash_later(staged / shard)  # on the other core, while the next shard is merged
     return {"parity": worst.to_dict()}
 
 
