@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import fcntl
 import functools
+import gc
 import json
 import logging
 import os
