@@ -186,3 +186,19 @@ def test_consolidated_file_lists_frozen_params_by_reference_and_reads_back_deeps
             assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, whole[first: first + len(rows)])
             count += 1
         assert count > 1
+
+
+@pytest.mark.slow
+def test_without_file_ranges_frozen_params_are_copied_into_the_store(trained, tmp_path, monkeypatch):
+    """Where the rank files' mappings cannot be read (no /proc/self/maps), stage 2 copies the frozen
+    params in, and the store reads back the same tensors."""
+    fixture = trained("engine-z3-bf16")
+    info = inspect_checkpoint(fixture.checkpoint)
+    consolidate(info, tmp_path / "by_reference.safetensors")
+    monkeypatch.setattr(zero, "_mappings", lambda paths: [])
+    consolidate(info, tmp_path / "copied.safetensors")
+    by_reference, copied = Reader(tmp_path / "by_reference.safetensors"), Reader(tmp_path / "copied.safetensors")
+    assert by_reference.references and not copied.references
+    assert set(copied.keys()) == set(by_reference.keys())
+    for key in copied.keys():
+        assert torch.equal(copied.get(key), by_reference.get(key)), key

@@ -308,7 +308,8 @@ def convert(
         unsafe_pickle: Unpickle the rank files in full, whatever objects they hold (a pickle can run code:
             only for checkpoints you trust); by default only DeepSpeed's own classes are allowed.
         workers: Processes writing the output's shards (streaming). Inside a distributed job every rank
-            writes a share instead (the work directory must be on a filesystem they all see).
+            writes a share instead (the work directory and the checkpoint must be on a filesystem they all
+            see, at the same paths).
 
     Returns:
         The run's report: each stage ran or skipped, times, parity figures.

@@ -4,7 +4,8 @@ The process running the conversion deals the shards out (:func:`~zero2merged.sta
 and writes its own share; each helper rebuilds the same plan from the work directory's files (the LoRA
 config, the base's config, stage 4's sources: all small) and writes its share into the same staged folder.
 Shards are disjoint files, so nothing is coordinated but the hand-out and the results. Across machines,
-the work directory must be on a filesystem every rank sees.
+the work directory and the checkpoint (whose rank files hold the frozen weights the consolidated store
+refers to) must be on a filesystem every rank sees, at the same paths.
 """
 
 from __future__ import annotations
