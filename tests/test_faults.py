@@ -272,10 +272,13 @@ def test_killed_run_leaves_no_model_and_resumes_to_the_same_bytes(trained, tmp_p
 
 # --- a full disk ---------------------------------------------------------------------------------------
 
-def test_full_disk_stops_cleanly_and_keeps_earlier_stages(trained, tmp_path, reference, monkeypatch):
+@pytest.mark.parametrize("when", ["writing", "flushing"])
+def test_full_disk_stops_cleanly_and_keeps_earlier_stages(trained, tmp_path, reference, monkeypatch, when):
+    """The disk fills while a shard is written, or only when it is flushed (delayed allocation), which
+    happens on a background thread: either way, one clean error from the merge stage."""
     fixture = trained(FIXTURE)
     output = tmp_path / "merged"
-    real_pwrite, real_copy = os.pwrite, os.copy_file_range
+    real_pwrite, real_copy, real_fsync = os.pwrite, os.copy_file_range, os.fsync
 
     def into_merged(fd: int) -> bool:
         return ".merged.tmp" in os.readlink(f"/proc/self/fd/{fd}")
@@ -290,8 +293,16 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_stages(trained, tmp_path, ref
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_copy(src, dst, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(safetensors_io.os, "pwrite", pwrite)
-    monkeypatch.setattr(safetensors_io.os, "copy_file_range", copy_file_range)
+    def fsync(fd):
+        if into_merged(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    if when == "writing":
+        monkeypatch.setattr(safetensors_io.os, "pwrite", pwrite)
+        monkeypatch.setattr(safetensors_io.os, "copy_file_range", copy_file_range)
+    else:
+        monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(zero2merged.OutputError, match="merge: no space left on the device"):
         zero2merged.convert(fixture.checkpoint, output, max_shard_size="60KB")
     work = tmp_path / "merged.zero2merged-work"

@@ -138,6 +138,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
     readers = Readers()
     layers: dict[str, dict] = {}  # merged weights of a layer, until each is written
     worst = Parity(0.0, 0.0, 1.0, 0)
+    flushed = []  # each shard's background flush to disk (and hash)
     tensors = sum(len(plan.split.filename_to_tensors[shard]) for shard in shards)
     with Progress("merge", sum(plan.shard_bytes(shard) for shard in shards), tensors) as progress:
         for shard in shards:
@@ -156,7 +157,9 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
                     else:
                         source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
                         _copy(writer, name, source, dtype, readers)
-            sync_and_hash_later(staged / shard)  # on the other core, while the next shard is merged
+            flushed.append(sync_and_hash_later(staged / shard))  # on the other core, while the next is merged
+    for done in flushed:
+        done.result()  # on disk; or the error (a full disk, say) raised here, in the stage
     return {"parity": worst.to_dict()}
 
 
