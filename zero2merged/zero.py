@@ -350,16 +350,12 @@ class ZeroReader:
         (a ZeRO-3 param has one range per rank), for the params whose file ranges are all known."""
         found: dict[str, list[tuple[str, int, int]]] = {}
         unknown = set()
-        for name, _, piece in self._frozen():
-            where = self.file_range(piece)
+        for name, _, fragment in self._frozen_fragments():
+            where = self.file_range(fragment)
             if where is None:
                 unknown.add(name)
-                continue
-            ranges, nbytes = found.setdefault(name, []), piece.numel() * piece.element_size()
-            if ranges and ranges[-1][0] == where[0] and ranges[-1][1] + ranges[-1][2] == where[1]:
-                ranges[-1] = (where[0], ranges[-1][1], ranges[-1][2] + nbytes)  # the next piece of one fragment
             else:
-                ranges.append((*where, nbytes))
+                found.setdefault(name, []).append((*where, fragment.numel() * fragment.element_size()))
         return {name: ranges for name, ranges in found.items() if name not in unknown}
 
     def specs(self) -> dict[str, tuple[torch.dtype, list[int]]]:
@@ -449,6 +445,12 @@ class ZeroReader:
             offset += part
 
     def _frozen(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        for name, offset, fragment in self._frozen_fragments():
+            yield from ((name, a, p) for a, p in _split(offset, fragment))
+
+    def _frozen_fragments(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``(name, element offset, 1-D view)`` of each saved frozen param's parts as the files hold them
+        (one per rank under ZeRO-3, padding cut off; the whole param under ZeRO-1/2), sizes checked."""
         layout = self.layout
         if layout.frozen_source is None:
             return
@@ -463,10 +465,10 @@ class ZeroReader:
                 for rank, fragment in enumerate(fragments):
                     valid = min(part, numel - rank * part)
                     if valid > 0:
-                        yield from ((name, a, p) for a, p in _split(rank * part, fragment.narrow(0, 0, valid)))
+                        yield name, rank * part, fragment.narrow(0, 0, valid)
             else:
                 flat = saved[0][name].reshape(-1)
                 if flat.numel() != numel:
                     raise CheckpointError(f"{self.tag_dir}: frozen param {name} has {flat.numel()} elements, "
                                           f"its shape {shape} needs {numel}")
-                yield from ((name, a, p) for a, p in _split(0, flat))
+                yield name, 0, flat
