@@ -59,19 +59,20 @@ def sha256_file(path: Path) -> str:
     return _hashed[key]
 
 
-def sync_and_hash_later(path: Path) -> Future:
-    """Flush a finished file to disk and hash it in a background thread, while the caller goes on to write
-    the next one (on another core: both wait on the kernel, not on Python). The caller must wait for the
-    returned future before relying on the file (a full disk may show only when it is flushed);
-    :func:`sha256_file` waits for it too. The file is opened now, so renaming its folder meanwhile does
-    not matter."""
+def sync_and_hash_later(path: Path, *, hashing: bool = True) -> Future:
+    """Flush a finished file to disk and (with ``hashing``) hash it in a background thread, while the caller
+    goes on to write the next one (on another core: both wait on the kernel, not on Python). The caller
+    must wait for the returned future before relying on the file (a full disk may show only when it is
+    flushed); :func:`sha256_file` waits for it too. The file is opened now, so renaming its folder
+    meanwhile does not matter. Hashing pays only in the process that writes the manifest."""
     fd = os.open(path, os.O_RDONLY)
     key = _key(os.fstat(fd))
 
     def finish() -> None:
         try:
             os.fsync(fd)
-            _hashed[key] = _sha256_fd(fd)
+            if hashing:
+                _hashed[key] = _sha256_fd(fd)
         finally:
             os.close(fd)
     _hashing[key] = done = _background.submit(finish)

@@ -33,7 +33,7 @@ def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_s
     model, _ = rebuild(info, on_meta=True)
     sources = json.loads((work / names.LOAD).read_text())["sources"]
     plan = plan_shards(model, DTYPES[dtype], max_shard_size)
-    return write_shards(plan, shards, info.adapter_name, sources, Path(staged), device)
+    return write_shards(plan, shards, info.adapter_name, sources, Path(staged), device, hashing=False)
 
 
 class _Helpers:

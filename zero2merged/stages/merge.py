@@ -125,9 +125,10 @@ def plan_shards(model, dtype: torch.dtype, max_shard_size: str | int) -> ShardPl
 
 
 def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict[str, list[str]],
-                 staged: Path, device: str = "cpu") -> dict:
+                 staged: Path, device: str = "cpu", *, hashing: bool = True) -> dict:
     """Write the given shards of ``plan`` into ``staged``: each LoRA layer merged by PEFT and checked on
-    probe activations on its way, every other weight copied from its source a chunk at a time.
+    probe activations on its way, every other weight copied from its source a chunk at a time. With
+    ``hashing`` (in the process that records the manifest, not in a helper) the shards are hashed on the way.
 
     Returns:
         ``{"parity": ...}``: the worst per-layer parity of the layers merged here.
@@ -157,7 +158,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
                     else:
                         source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
                         _copy(writer, name, source, dtype, readers)
-            flushed.append(sync_and_hash_later(staged / shard))  # on the other core, while the next is merged
+            flushed.append(sync_and_hash_later(staged / shard, hashing=hashing))  # meanwhile, on the other core
     for done in flushed:
         done.result()  # on disk; or the error (a full disk, say) raised here, in the stage
     return {"parity": worst.to_dict()}
