@@ -48,7 +48,7 @@ Ranges = list[tuple[str, int, int]]
 
 def writer_bytes(specs: dict[str, tuple[torch.dtype, list[int]]]) -> int:
     """The data bytes of the tensors ``specs`` describes."""
-    return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size() for dtype, shape in specs.values())
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -81,7 +81,7 @@ class Writer:
         offset = 0
         for name in order:
             dtype, shape = specs[name]
-            size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            size = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.extent[name] = (offset, offset + size)
             offset += size
