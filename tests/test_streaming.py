@@ -13,6 +13,7 @@ from fixtures import TESTED
 from fixtures.build import free_port
 from tests.helpers import convert_fixture
 from zero2merged.modelfiles import files_in
+from zero2merged.stages import merge as merge_stage
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,33 @@ def test_sharded_streaming_output_is_byte_identical_to_in_memory(trained, tmp_pa
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size="60KB", dtype=dtype, in_memory=True)
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     _assert_identical(tmp_path / "streamed", tmp_path / "in-memory")
+
+
+@pytest.mark.parametrize("name,max_shard_size,dtype", [
+    ("engine-z3-bf16", "5GB", "auto"), ("rslora-patterns-z3", "5GB", "fp32"), ("all-linear-z2", "60KB", "bf16"),
+    ("t5-seq2seq-z3", "60KB", "fp16"), ("bert-features-z3", "20KB", "auto")])
+def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(trained, tmp_path, monkeypatch, name,
+                                                                  max_shard_size, dtype):
+    """Linear layers merged in blocks of a few rows (at the fixtures' size a layer is one block) write what
+    the in-memory path writes. Where a layer's bias and weight fall in different shards (BERT's, in 20 KB
+    shards), its merged rows are held until the weight's shard is written."""
+    monkeypatch.setattr(merge_stage, "BLOCK_BYTES", 1024)
+    first_rows, held = [], []
+    given, hold = merge_stage._LayerMerger._weights_given, merge_stage._hold
+
+    def weights_given(merger, path, layer):
+        for first_row in given(merger, path, layer):
+            first_rows.append(first_row)
+            yield first_row
+
+    monkeypatch.setattr(merge_stage._LayerMerger, "_weights_given", weights_given)
+    monkeypatch.setattr(merge_stage, "_hold", lambda *args: held.append(args[2]) or hold(*args))
+    fixture = trained(name)
+    convert_fixture(fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype)
+    assert any(first_rows)  # a layer was given a block that does not start at its first row
+    assert bool(held) == (name == "bert-features-z3")
+    convert_fixture(fixture, tmp_path / "in-memory", max_shard_size=max_shard_size, dtype=dtype, in_memory=True)
+    _assert_identical(tmp_path / "blocks", tmp_path / "in-memory")
 
 
 def _merge_metrics(output):

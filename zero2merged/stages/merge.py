@@ -2,8 +2,9 @@
 
 The merge maths (W0 + s·B·A, rsLoRA's scaling, DoRA's row norms, fan_in_fan_out) stays PEFT's: nothing
 here re-implements it. In memory, ``merge_and_unload`` merges the whole model and both models run on the
-same probe inputs. Streaming, each LoRA layer is merged on its own by PEFT's layer ``merge`` and checked on
-probe activations, and the merged weights go straight into the output's files.
+same probe inputs. Streaming, each LoRA layer is merged on its own by PEFT's layer ``merge`` (a linear layer
+a block of rows at a time) and checked on probe activations, and the merged weights go straight into the
+output's files.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,14 @@ from zero2merged.parity import (
 )
 from zero2merged.progress import Progress
 from zero2merged.safetensors_io import Readers, Writer
+
+# A plain LoRA linear layer is merged this many bytes of its fp32 rows at a time. PEFT's merge makes two
+# temporaries the size of what it merges: at 1 MB they come from memory the process keeps (glibc serves
+# blocks under its mmap threshold from its heap and keeps up to twice that threshold free there), and they
+# stay in the caches. A whole layer's come as fresh pages from the kernel, every time: the merge stage took
+# twice as long (and at 8 MB, the size glibc starts to give back, hardly less). A layer's memory is then
+# this size however wide the model.
+BLOCK_BYTES = 1 << 20
 
 
 def merge(model, work_dir: Path):
@@ -85,6 +95,7 @@ class ShardPlan:
         split: The shards, as ``save_pretrained`` splits them.
         merged_by: Id of a LoRA layer's base param -> (layer path, layer, param name).
         origin: Id of a tensor -> its wrapper keys (several when tied).
+        written_as: (LoRA layer path, base param name) -> the name its merged weight is written under.
     """
 
     final: Any
@@ -93,6 +104,7 @@ class ShardPlan:
     split: Any
     merged_by: dict
     origin: dict
+    written_as: dict
 
     def shard_bytes(self, shard: str) -> int:
         return sum(self.out[name].numel() * self.out[name].element_size()
@@ -121,7 +133,12 @@ def plan_shards(model, dtype: torch.dtype, max_shard_size: str | int) -> ShardPl
     dtype_of = saved_dtypes(final, dtype)
     out = {name: t.to("meta", dtype=dtype_of(name) if t.is_floating_point() else t.dtype) for name, t in saved.items()}
     split = split_torch_state_dict_into_shards(out, filename_pattern=names.WEIGHTS_PATTERN, max_shard_size=max_shard_size)
-    return ShardPlan(final, state, out, split, merged_by, origin)
+    written_as = {}
+    for name in out:
+        if id(state[name]) in merged_by:
+            path, _, param = merged_by[id(state[name])]
+            written_as[path, param] = name
+    return ShardPlan(final, state, out, split, merged_by, origin, written_as)
 
 
 def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict[str, list[str]],
@@ -136,32 +153,37 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
     Raises:
         VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
     """
-    readers = Readers()
-    layers: dict[str, dict] = {}  # merged weights of a layer, until each is written
-    worst = Parity(0.0, 0.0, 1.0, 0)
+    merger = _LayerMerger(adapter, sources, device)
+    mine = {name for shard in shards for name in plan.split.filename_to_tensors[shard]}
+    held: dict[str, torch.Tensor] = {}  # merged weights that go into a later shard than the one open
     flushed = []  # each shard's background flush to disk (and hash)
-    tensors = sum(len(plan.split.filename_to_tensors[shard]) for shard in shards)
-    with Progress("merge", sum(plan.shard_bytes(shard) for shard in shards), tensors) as progress:
+    with Progress("merge", sum(map(plan.shard_bytes, shards)), len(mine)) as progress:
         for shard in shards:
             tensor_names = plan.split.filename_to_tensors[shard]
             specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
             with Writer(staged / shard, specs, {"format": "pt"}, sync=False) as writer:
                 for name in tensor_names:
                     progress.update(plan.out[name].numel() * plan.out[name].element_size(), tensor_done=True)
-                    obj, dtype = plan.state[name], plan.out[name].dtype
-                    if id(obj) in plan.merged_by:
-                        path, layer, param = plan.merged_by[id(obj)]
-                        if path not in layers:
-                            layers[path], parity = _merge_layer(path, layer, adapter, sources, readers, device)
-                            worst = _worse(worst, parity)
-                        writer.write(name, _cast(layers[path].pop(param), dtype, name))  # an emptied layer stays merged
-                    else:
+                    obj = plan.state[name]
+                    if id(obj) not in plan.merged_by:
                         source = next(sources[key] for key in plan.origin[id(obj)] if key in sources)
-                        _copy(writer, name, source, dtype, readers)
+                        _copy(writer, name, source, plan.out[name].dtype, merger.readers)
+                        continue
+                    path, layer, _ = plan.merged_by[id(obj)]
+                    if path not in merger.merged:
+                        for param, first_row, rows in merger.merge(path, layer):
+                            target = plan.written_as.get((path, param))
+                            if target in writer.specs:  # its file is open: written as it comes
+                                writer.write(target, _cast(rows, plan.out[target].dtype, target),
+                                             first_row * _row_bytes(plan.out[target]))
+                            elif target in mine:
+                                _hold(held, plan.out[target], target, first_row, rows)
+                    if name in held:
+                        writer.write(name, held.pop(name))
             flushed.append(sync_and_hash_later(staged / shard, hashing=hashing))  # meanwhile, on the other core
     for done in flushed:
         done.result()  # on disk; or the error (a full disk, say) raised here, in the stage
-    return {"parity": worst.to_dict()}
+    return {"parity": merger.worst.to_dict()}
 
 
 def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: Path, *, dtype: torch.dtype,
@@ -293,33 +315,120 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return cast
 
 
-def _merge_layer(path: str, layer, adapter: str, sources, readers: Readers, device: str) -> tuple[dict, Parity]:
-    """Give one LoRA layer its weights on ``device``, merge it with PEFT, check it; returns its base params,
-    merged, on the CPU."""
+def _row_bytes(meta: torch.Tensor) -> int:
+    return math.prod(meta.shape[1:]) * meta.dtype.itemsize
+
+
+def _hold(held: dict[str, torch.Tensor], meta: torch.Tensor, name: str, first_row: int, rows: torch.Tensor) -> None:
+    """Keep merged rows of ``name`` (cast) in a whole tensor until the shard holding it is written."""
+    if name not in held:
+        held[name] = torch.empty(meta.shape, dtype=meta.dtype)
+    held[name][first_row: first_row + rows.shape[0]] = _cast(rows, meta.dtype, name)
+
+
+class _LayerMerger:
+    """Gives each LoRA layer its weights, merges it with PEFT's own ``merge`` and checks it on probe
+    activations, then puts it back on the meta device.
+
+    A plain LoRA linear layer is merged a block of output rows at a time (:data:`BLOCK_BYTES` of fp32): the
+    block's rows of the base weight, ``lora_B`` and the bias, with all of ``lora_A``, are themselves a LoRA
+    layer, whose merged rows are those of the whole. Any other layer is merged whole: a DoRA (or other
+    variant) layer, whose PEFT code keeps state from call to call; an embedding or a Conv1D, whose rows lie
+    the other way.
+    """
+
+    def __init__(self, adapter: str, sources: dict[str, list[str]], device: str):
+        self.adapter, self.sources, self.device = adapter, sources, device
+        self.readers = Readers()
+        self.merged: set[str] = set()
+        self.worst = Parity(0.0, 0.0, 1.0, 0)
+        self._buffers = torch.empty(2, BLOCK_BYTES, dtype=torch.uint8)  # a block as stored, and in fp32
+
+    def merge(self, path: str, layer) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """Merge the layer at ``path``; yields ``(base param name, first row, merged rows)`` on the CPU,
+        each valid only until the next is asked for.
+
+        Raises:
+            VerificationError: (once all is yielded) the merged layer's outputs left tolerance.
+        """
+        self.merged.add(path)
+        probe = self._probe(layer)
+        before, after = [], []
+        for first_row in self._weights_given(path, layer):
+            layer.merged_adapters.clear()  # PEFT's record of the previous block's merge: this one is unmerged
+            with torch.no_grad():
+                before.append(layer(probe))
+                layer.merge(adapter_names=[self.adapter])  # no safe_merge's copy: NaN/inf fails the parity check
+                if self.adapter not in layer.merged_adapters:
+                    raise VerificationError(f"{path}: PEFT did not merge the adapter into this layer")
+                after.append(layer(probe))
+            for name, param in layer.get_base_layer().named_parameters(recurse=False):
+                yield name, first_row, param.detach().to("cpu")
+        parity = compare(torch.cat(after, dim=-1), torch.cat(before, dim=-1))
+        parity.check(MERGE_TOLERANCE, f"{path}: merged vs unmerged layer")
+        self.worst = _worse(self.worst, parity)
+
+    def _weights_given(self, path: str, layer) -> Iterator[int]:
+        """Give the layer its weights (in fp32, on the device) whole or a block of rows at a time, the base
+        weight's block in a buffer reused block after block; yields the first row given each time. Ends
+        with the layer back on the meta device, as declared."""
+        sources = {name: self.sources[f"{path}.{name}"] for name in layer.state_dict(keep_vars=True)}
+        if not _by_rows(layer, self.adapter):
+            layer.load_state_dict({name: self._fetch(*source) for name, source in sources.items()}, assign=True)
+            yield 0
+            layer.to("meta")
+            return
+        declared = {name: torch.empty_like(param) for name, param in layer.named_parameters()}
+        out_features, in_features = declared["base_layer.weight"].shape
+        step = max(1, BLOCK_BYTES // (in_features * 4))
+        _assign(layer, {name: self._fetch(*source) for name, source in sources.items() if name.startswith("lora_A.")})
+        for first in range(0, out_features, step):
+            rows = slice(first, min(first + step, out_features))
+            _assign(layer, {name: self._fetch(*source, rows, buffered=name == "base_layer.weight")
+                            for name, source in sources.items() if not name.startswith("lora_A.")})
+            yield first
+        _assign(layer, declared)
+
+    def _fetch(self, file: str, key: str, rows: slice | None = None, *, buffered: bool = False) -> torch.Tensor:
+        """A stored tensor (or its ``rows``) on the device, in fp32 if floating point; ``buffered``: in
+        the reused buffers where it fits (valid until the next buffered fetch)."""
+        stored = self.readers[file].get(key, rows, into=self._buffers[0] if buffered else None)
+        if not stored.is_floating_point():
+            return stored.to(self.device)
+        if buffered and self.device == "cpu" and stored.numel() * 4 <= BLOCK_BYTES:
+            return self._buffers[1].view(torch.float32)[: stored.numel()].view(stored.shape).copy_(stored)
+        return stored.to(self.device, torch.float32)  # PEFT merges in fp32 here too
+
+    def _probe(self, layer) -> torch.Tensor:
+        from torch import nn
+
+        base, generator = layer.get_base_layer(), torch.Generator().manual_seed(PROBE_SEED)
+        if isinstance(base, nn.Embedding):
+            probe = torch.randint(0, base.num_embeddings, (PROBE_BATCH, 8), generator=generator)
+        else:
+            probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
+        return probe.to(self.device)
+
+
+def _by_rows(layer, adapter: str) -> bool:
+    """Whether ``layer`` is a plain LoRA linear layer (not DoRA or another variant, not Conv1D-shaped),
+    whose state is all base layer, ``lora_A`` and ``lora_B``: the layers :class:`_LayerMerger` splits."""
+    from peft.tuners.lora import Linear
     from torch import nn
 
-    weights = {}
-    for name in layer.state_dict(keep_vars=True):
-        file, key = sources[f"{path}.{name}"]
-        tensor = readers[file].get(key).to(device)
-        weights[name] = tensor.float() if tensor.is_floating_point() else tensor  # PEFT merges in fp32 here too
-    layer.load_state_dict(weights, assign=True)
-    base = layer.get_base_layer()
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    if isinstance(base, nn.Embedding):
-        probe = torch.randint(0, base.num_embeddings, (PROBE_BATCH, 8), generator=generator)
-    else:
-        probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
-    probe = probe.to(device)
-    with torch.no_grad():
-        before = layer(probe)
-        layer.merge(adapter_names=[adapter])  # no safe_merge's copy: NaN/inf fails the parity check below
-        after = layer(probe)
-    parity = compare(after, before)
-    parity.check(MERGE_TOLERANCE, f"{path}: merged vs unmerged layer")
-    merged = {name: param.detach().to("cpu") for name, param in base.named_parameters(recurse=False)}
-    layer.to("meta")
-    return merged, parity
+    return (type(layer) is Linear and type(layer.get_base_layer()) is nn.Linear and not layer.fan_in_fan_out
+            and adapter not in layer.lora_variant
+            and all(name.startswith(("base_layer.", "lora_A.", "lora_B.")) for name in layer.state_dict()))
+
+
+def _assign(layer, tensors: dict[str, torch.Tensor]) -> None:
+    """Make ``tensors`` the layer's parameters, whatever their shapes (``load_state_dict`` insists on the
+    declared ones)."""
+    from torch import nn
+
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(layer.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 def _worse(a: Parity, b: Parity) -> Parity:
