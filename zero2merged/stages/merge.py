@@ -157,7 +157,7 @@ def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict
     mine = {name for shard in shards for name in plan.split.filename_to_tensors[shard]}
     held: dict[str, torch.Tensor] = {}  # merged weights that go into a later shard than the one open
     flushed = []  # each shard's background flush to disk (and hash)
-    with Progress("merge", sum(map(plan.shard_bytes, shards)), len(mine)) as progress:
+    with _core_left_for_flushing(), Progress("merge", sum(map(plan.shard_bytes, shards)), len(mine)) as progress:
         for shard in shards:
             tensor_names = plan.split.filename_to_tensors[shard]
             specs = {name: (plan.out[name].dtype, list(plan.out[name].shape)) for name in tensor_names}
@@ -235,6 +235,18 @@ def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: 
     layers = len({path for path, _, _ in plan.merged_by.values()})
     return {"parity": {"layers": layers, **worst.to_dict()}, "files": len(plan.split.filename_to_tensors),
             "processes": len([g for g in groups if g])}
+
+
+@contextlib.contextmanager
+def _core_left_for_flushing() -> Iterator[None]:
+    """torch on one thread fewer meanwhile, so that the background flush and hash has a core of its own.
+    (On 2 cores, sharing them made the merge a third slower: torch's threads wait on one another.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _balanced(plan: ShardPlan, count: int) -> list[list[str]]:
