@@ -4,6 +4,7 @@ and inside a distributed job rank 0 works while the other ranks wait."""
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.slow
 
 def _hashes(folder):
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_convert_leaves_the_calling_process_as_it_found_it(trained, tmp_path):
+    """Called from a training script: torch's thread count (one fewer during the merge) and the garbage
+    collector (its objects frozen during the run) are as they were."""
+    fixture = trained("engine-z3-bf16")
+    threads, frozen = torch.get_num_threads(), gc.get_freeze_count()
+    zero2merged.convert(fixture.checkpoint, tmp_path / "merged")
+    assert torch.get_num_threads() == threads
+    assert gc.get_freeze_count() == frozen
 
 
 def test_second_run_is_a_noop_and_force_redoes(trained, tmp_path):
