@@ -190,9 +190,9 @@ def merge_streaming(model, adapter: str, sources: dict[str, list[str]], staged: 
                     max_shard_size: str | int, base_model: str, device: str = "cpu", helpers=None) -> dict:
     """Stage 5 (streaming): merge one LoRA layer at a time and write the merged weights as they come.
 
-    ``model`` is the PEFT wrapper on the meta device. Each LoRA layer is given its weights (fp32), run on
-    seeded probe activations, merged by PEFT's own ``merge``, run again (the two outputs must agree), and
-    its merged weight written; then it goes back to the meta device. Names, shards, index, configs and
+    ``model`` is the PEFT wrapper on the meta device. Each LoRA layer is given its weights (fp32; a linear
+    layer a block of rows at a time), run on seeded probe activations, merged by PEFT's own ``merge``, run
+    again (the two outputs must agree), and its merged weight written; then it goes back to the meta device. Names, shards, index, configs and
     bytes are those ``save_pretrained`` writes for the merged model (a test holds the two paths to
     identical files).
 
