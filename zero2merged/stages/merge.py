@@ -312,11 +312,9 @@ def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, read
             writer.copy(name, file, offset, nbytes, start)
             start += nbytes
         return
-    shape = reader.shape(source[1])
-    row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
     for first, rows in reader.chunks(source[1]):
         piece = _cast(rows, dtype, name)
-        writer.write(name, piece, first * row * piece.element_size())
+        writer.write(name, piece, first * _row_bytes(piece))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -327,8 +325,9 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return cast
 
 
-def _row_bytes(meta: torch.Tensor) -> int:
-    return math.prod(meta.shape[1:]) * meta.dtype.itemsize
+def _row_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of one row (of one element, for a 1-D tensor): where row ``i`` starts, times ``i``."""
+    return math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
 
 
 def _hold(held: dict[str, torch.Tensor], meta: torch.Tensor, name: str, first_row: int, rows: torch.Tensor) -> None:
