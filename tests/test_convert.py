@@ -18,6 +18,9 @@ import zero2merged
 from fixtures import TESTED
 from fixtures.models import auto_class
 from tests.helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_reproduces_live,
     assert_within_one_rounding,
     base_state,
     convert_fixture,
@@ -26,7 +29,6 @@ from tests.helpers import (
     reference_model,
     saved_state,
     tied_groups,
-    top1_agreement,
 )
 
 pytestmark = pytest.mark.slow
@@ -64,31 +66,27 @@ def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name)
     for key, ours_tensor in ours.items():
         ref = reference[key]
         assert ours_tensor.dtype == expected_dtype, key
-        if expected_dtype == torch.float32:
-            torch.testing.assert_close(ours_tensor, ref, rtol=1e-5, atol=1e-7, msg=key)
+        if expected_dtype == torch.float32:  # PEFT's merge on both sides; a delta summed in another order
+            torch.testing.assert_close(ours_tensor, ref, rtol=FP32_RTOL, atol=FP32_ATOL, msg=key)
         else:
             assert_within_one_rounding(ours_tensor, ref, key)
-    # The adapter really moved weights, so a conversion that dropped it would fail above.
+    # The adapter really moved weights, so a conversion that dropped it would fail above: by more than 0.05 of
+    # some tensor's largest magnitude, 12 bf16 rounding steps (2^-8 each); measured 0.33 to 4.5 on the fixtures.
     base = base_state(fixture)
     moved = max(((reference[k] - t).abs().max() / t.abs().max()).item()
                 for k, t in base.items() if k in reference and reference[k].shape == t.shape and t.is_floating_point())
     assert moved > 0.05
+    # Each layer merged vs unmerged, both fp32: outputs ~1e-6 apart, so no top-1 feature of a probe row can flip
+    # unless two of them lie that close (a chance of about 1e-6 per row).
     assert report.stage("merge").metrics["parity"]["top1_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
 def test_output_reproduces_the_live_engine(converted, name):
     fixture, output, _ = converted(name)
-    inputs, live = live_outputs(fixture)
-    task_class = auto_class(fixture.spec.task)
-    ours = main_output(task_class.from_pretrained(output, dtype=torch.float32), inputs)
-    relative = ((ours - live).abs().max() / live.abs().max()).item()
-    assert relative < 0.06
-    if fixture.spec.task != "feature_extraction":  # logits: the same top-1 token or label
-        assert top1_agreement(ours, live) >= 0.95
-    if not fixture.spec.add_tokens:  # ...which the bare base does not (it cannot even read the new tokens)
-        base = main_output(task_class.from_pretrained(fixture.base, dtype=torch.float32), inputs)
-        assert ((base - live).abs().max() / live.abs().max()).item() > 10 * relative
+    inputs, _ = live_outputs(fixture)
+    ours = main_output(auto_class(fixture.spec.task).from_pretrained(output, dtype=torch.float32), inputs)
+    assert_reproduces_live(fixture, ours)
 
 
 def test_output_loads_without_zero2merged_or_peft(converted):
@@ -101,14 +99,14 @@ def test_output_loads_without_zero2merged_or_peft(converted):
         live = load_file({str(fixture.live_outputs)!r})
         with torch.no_grad():
             logits = model.float()(input_ids=live["input_ids"]).logits
-        agree = (logits.argmax(-1) == live["outputs"].argmax(-1)).float().mean().item()
-        print(json.dumps({{"agree": agree, "dtype": str(model.dtype),
+        torch.save(logits, {str(output.parent / "logits.pt")!r})
+        print(json.dumps({{"dtype": str(model.dtype),
                           "imported": [m for m in ("peft", "zero2merged", "deepspeed") if m in sys.modules]}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["imported"] == []
-    assert result["agree"] >= 0.95
+    assert_reproduces_live(fixture, torch.load(output.parent / "logits.pt"))
 
 
 def test_tokenizer_and_generation_config_carried_over(converted):
@@ -130,7 +128,7 @@ def test_sharded_output_with_index(trained, tmp_path):
     reference = reference_model(fixture).state_dict()
     ours = saved_state(output)
     for key, ref in reference.items():
-        torch.testing.assert_close(ours[key], ref, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(ours[key], ref, rtol=FP32_RTOL, atol=FP32_ATOL, msg=key)
     assert AutoModelForCausalLM.from_pretrained(output).dtype == torch.float32
 
 

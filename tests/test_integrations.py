@@ -38,5 +38,5 @@ def test_training_script_ends_with_a_verified_merged_model(trained, tmp_path, sc
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "-> " + str(tmp_path / "merged") in done.stdout  # rank 0 printed the report
     report = zero2merged.verify(tmp_path / "merged", tmp_path / checkpoint)
-    assert report.passed and report.parity["top1_agreement"] >= 0.9
+    assert report.passed and report.parity["top1_agreement"] >= 0.9  # verify's bf16 tolerance (zero2merged.parity)
     assert (tmp_path / "merged" / "README.md").is_file()
