@@ -30,7 +30,7 @@ from tests.helpers import (
     saved_state,
 )
 from zero2merged import AdapterConfigError, CheckpointError, inspect_checkpoint
-from zero2merged.zero import ZeroLayout
+from zero2merged.results import ZeroLayout
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_grown_vocabulary_is_saved_with_its_config_and_tokenizer(trained, tmp_pa
     fixture = trained(name)
     report = convert_fixture(fixture, tmp_path / "merged")
     grown = VOCAB_SIZE + fixture.spec.add_tokens
-    assert report.stage("rebuild").metrics["resized_vocab"]["to"] == grown
+    assert report.stage("rebuild").result.resized_vocab.rows == grown
     assert AutoConfig.from_pretrained(tmp_path / "merged").vocab_size == grown
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert len(tokenizer) == grown and tokenizer.convert_tokens_to_ids("added0") == VOCAB_SIZE
@@ -114,11 +114,11 @@ def test_grown_vocabulary_without_the_new_rows_is_refused(trained):
     info = inspect_checkpoint(fixture.checkpoint)
     grown = {k: [s[0], VOCAB_SIZE + 8] if "lora_embedding_A" in k else s for k, s in info.layout.trainable_shapes.items()}
     info.layout = ZeroLayout(**{**vars(info.layout), "trainable": [grown], "frozen": {}, "frozen_source": None})
-    model, record = rebuild(info)
-    assert record["resized_vocab"]["to"] == VOCAB_SIZE + 8
+    model, rebuilt = rebuild(info)
+    assert rebuilt.resized_vocab.rows == VOCAB_SIZE + 8
     tensors = ((k, torch.zeros(s)) for k, s in grown.items())
     with pytest.raises(CheckpointError, match="no values for the new rows"):
-        load_weights(model, tensors, info, resized_vocab=record["resized_vocab"])
+        load_weights(model, tensors, info, resized_vocab=rebuilt.resized_vocab)
 
 
 def test_sequence_classification_head_is_trained_and_kept(trained, tmp_path):

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 
-from zero2merged.manifest import (
-    Manifest,
-    describe_outputs,
-    fingerprint,
-    write_text_atomic,
-)
+from zero2merged.manifest import Manifest, fingerprint, write_text_atomic
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -21,7 +16,7 @@ def _recorded(tmp_path):
     artifact = tmp_path / "artifact.bin"
     artifact.write_bytes(b"weights")
     manifest = Manifest(tmp_path / "manifest.json")
-    manifest.put("consolidate", {"status": "done", "fingerprint": "fp", "outputs": describe_outputs(tmp_path, [artifact])})
+    manifest.put("consolidate", {"status": "done", "fingerprint": "fp", "outputs": manifest.describe(tmp_path, [artifact])})
     return artifact
 
 

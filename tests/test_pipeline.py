@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -19,13 +20,12 @@ import zero2merged
 from fixtures.build import free_port
 from tests.helpers import saved_state
 from zero2merged import STAGES, OutputError
-from zero2merged.manifest import sha256_file
 
 pytestmark = pytest.mark.slow
 
 
 def _hashes(folder):
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def test_convert_leaves_the_calling_process_as_it_found_it(trained, tmp_path):

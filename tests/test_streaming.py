@@ -12,8 +12,9 @@ import pytest
 from fixtures import TESTED
 from fixtures.build import free_port
 from tests.helpers import convert_fixture
+from zero2merged import layers, shards
 from zero2merged.modelfiles import files_in
-from zero2merged.stages import merge as merge_stage
+from zero2merged.options import Tuning
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_streaming_output_is_byte_identical_to_in_memory(trained, tmp_path, name
     streamed = convert_fixture(fixture, tmp_path / "streamed")
     in_memory = convert_fixture(fixture, tmp_path / "in-memory", in_memory=True)
     _assert_identical(tmp_path / "streamed", tmp_path / "in-memory")
-    assert "layers" in streamed.stage("merge").metrics["parity"]  # each LoRA layer checked on its own
+    assert streamed.stage("merge").result.layers  # each LoRA layer checked on its own
     assert "parity" in in_memory.stage("save").metrics  # the whole model's outputs checked
 
 
@@ -57,19 +58,19 @@ def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(trained, tmp_pa
     """Linear layers merged in blocks of a few rows (at the fixtures' size a layer is one block) write what
     the in-memory path writes. Where a layer's bias and weight fall in different shards (BERT's, in 20 KB
     shards), its merged rows are held until the weight's shard is written."""
-    monkeypatch.setattr(merge_stage, "BLOCK_BYTES", 1024)
     first_rows, held = [], []
-    given, hold = merge_stage._LayerMerger._weights_given, merge_stage._hold
+    given, hold = layers.LayerMerger._weights_given, shards._hold
 
     def weights_given(merger, path, layer):
         for first_row in given(merger, path, layer):
             first_rows.append(first_row)
             yield first_row
 
-    monkeypatch.setattr(merge_stage._LayerMerger, "_weights_given", weights_given)
-    monkeypatch.setattr(merge_stage, "_hold", lambda *args: held.append(args[2]) or hold(*args))
+    monkeypatch.setattr(layers.LayerMerger, "_weights_given", weights_given)
+    monkeypatch.setattr(shards, "_hold", lambda *args: held.append(args[2]) or hold(*args))
     fixture = trained(name)
-    convert_fixture(fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype)
+    convert_fixture(fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype,
+                    tuning=Tuning(block_bytes=1024))
     assert any(first_rows)  # a layer was given a block that does not start at its first row
     assert bool(held) == (name == "bert-features-z3")
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size=max_shard_size, dtype=dtype, in_memory=True)
@@ -78,7 +79,7 @@ def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(trained, tmp_pa
 
 def _merge_metrics(output):
     work = output.with_name(output.name + ".zero2merged-work")
-    return json.loads((work / "manifest.json").read_text())["stages"]["merge"]["metrics"]
+    return json.loads((work / "manifest.json").read_text())["stages"]["merge"]["result"]
 
 
 def test_workers_share_the_shards_and_write_the_same_files(trained, tmp_path):

@@ -18,9 +18,9 @@ from zero2merged.stages.inspect import inspect_checkpoint, resolve_tag
 from zero2merged.zero import ZeroReader, load_pt, rank_files, read_layout
 
 
-def _reader(fixture):
+def _reader(fixture, **options):
     where = resolve_tag(fixture.checkpoint, None)
-    return ZeroReader(where.folder / where.tag, read_layout(where.folder / where.tag))
+    return ZeroReader(where.folder / where.tag, read_layout(where.folder / where.tag), **options)
 
 
 @pytest.mark.slow
@@ -41,11 +41,10 @@ def test_reader_matches_deepspeed_tensor_for_tensor(trained, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["engine-z3-bf16", "engine-z2-fp32", "ranks3-z3", "ranks3-z2", "engine-z1-bf16"])
-def test_pieces_stay_bounded_and_reassemble_exactly(trained, name, monkeypatch):
+def test_pieces_stay_bounded_and_reassemble_exactly(trained, name):
     """Pieces small enough to cut params (and rank partitions) in the middle still give DeepSpeed's tensors."""
-    monkeypatch.setattr(zero, "PIECE_ELEMENTS", 97)
     fixture = trained(name)
-    reader = _reader(fixture)
+    reader = _reader(fixture, piece_elements=97)
     assert max(piece.numel() for _, _, piece in reader.pieces()) <= 97
     ours = dict(reader.tensors())
     aliases = reader.layout.shared
@@ -156,18 +155,16 @@ def test_released_pieces_leave_no_pages_resident(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["engine-z3-bf16", "ranks3-z3", "ranks3-z2", "engine-z1-bf16"])
-def test_consolidated_file_lists_frozen_params_by_reference_and_reads_back_deepspeeds(trained, name, tmp_path,
-                                                                                      monkeypatch):
+def test_consolidated_file_lists_frozen_params_by_reference_and_reads_back_deepspeeds(trained, name, tmp_path):
     """Stage 2 copies only the trainable masters; the frozen params it lists by their rank-file ranges
     (one per rank under ZeRO-3, however the reader cut them into pieces) read back as DeepSpeed's."""
-    monkeypatch.setattr(zero, "PIECE_ELEMENTS", 97)
     fixture = trained(name)
     info = inspect_checkpoint(fixture.checkpoint)
     path = tmp_path / "consolidated.safetensors"
-    metrics = consolidate(info, path)
+    result = consolidate(info, path, piece_elements=97)
     saved = Reader(path)
     frozen = info.layout.frozen
-    assert set(saved.references) == set(frozen) and metrics["frozen_by_reference"] == len(frozen)
+    assert set(saved.references) == set(frozen) and result.frozen_by_reference == len(frozen)
     assert path.stat().st_size < sum(saved.nbytes(key) for key in saved.keys())  # frozen bytes not copied
     for key in frozen:
         files = {file for file, _, _ in saved.ranges(key)}

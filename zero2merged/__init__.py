@@ -6,27 +6,58 @@
 
 The work is six stages (inspect → consolidate → rebuild → load → merge → save), each writing a verified
 artifact to a work directory and recorded in its manifest, so a rerun skips what is still valid.
+
+The public names below are imported when first used: the library's functions need torch, transformers
+and PEFT, which take seconds to import, and ``import zero2merged`` (the command line's ``--help``, say)
+should not wait for them.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 from zero2merged.errors import (
     AdapterConfigError,
     BaseModelError,
     CheckpointError,
+    OptionError,
     OutputError,
     VerificationError,
     Zero2MergedError,
 )
-from zero2merged.export import ExportReport, export_adapter
-from zero2merged.pipeline import STAGES, ConvertReport, StageReport, convert
-from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint
-from zero2merged.verify import VerifyReport, verify
 
 try:
     __version__ = version("zero2merged")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+_LAZY = {
+    "convert": "zero2merged.pipeline",
+    "inspect_checkpoint": "zero2merged.stages.inspect",
+    "verify": "zero2merged.verification",
+    "export_adapter": "zero2merged.export",
+    "STAGES": "zero2merged.pipeline",
+    "ConvertReport": "zero2merged.report",
+    "StageReport": "zero2merged.report",
+    "VerifyReport": "zero2merged.verification",
+    "ExportReport": "zero2merged.export",
+    "CheckpointInfo": "zero2merged.results",
+    "Source": "zero2merged.options",
+    "ConvertOptions": "zero2merged.options",
+    "Tuning": "zero2merged.options",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zero2merged' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "STAGES",
@@ -34,10 +65,14 @@ __all__ = [
     "BaseModelError",
     "CheckpointError",
     "CheckpointInfo",
+    "ConvertOptions",
     "ConvertReport",
     "ExportReport",
+    "OptionError",
     "OutputError",
+    "Source",
     "StageReport",
+    "Tuning",
     "VerificationError",
     "VerifyReport",
     "Zero2MergedError",

@@ -11,7 +11,7 @@ import torch
 
 from zero2merged import names
 from zero2merged.errors import BaseModelError
-from zero2merged.zero import DTYPE_NAMES
+from zero2merged.dtypes import SHORT_NAMES
 
 # PEFT's task types and the Auto class each one trains.
 TASK_AUTO_CLASSES = {
@@ -53,7 +53,7 @@ def base_dtype(config) -> str:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return DTYPE_NAMES.get(dtype, "fp32")
+    return SHORT_NAMES.get(dtype, "fp32")
 
 
 def auto_class_name(lora: dict, config) -> str:

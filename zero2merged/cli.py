@@ -1,25 +1,22 @@
 """The ``zero2merged`` command: a thin click layer over the library.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage. A user error prints one line
-(``error: …``) and no traceback unless ``--debug`` is given.
+(``error: …``) and no traceback unless ``--debug`` is given. The options are named as the fields of
+:class:`~zero2merged.options.Source` and :class:`~zero2merged.options.ConvertOptions`, and handed to the
+library as they are. Nothing heavy is imported until a command runs (``--help`` and ``--version`` are quick).
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import json
 import logging
-import math
 import os
 import sys
-from pathlib import Path
 
 import click
 
 from zero2merged.errors import VerificationError, Zero2MergedError
-
-DTYPE_CHOICE = click.Choice(["auto", "fp32", "bf16", "fp16"])
+from zero2merged.options import OUTPUT_DTYPES
 
 
 class _Group(click.Group):
@@ -28,9 +25,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             result = super().invoke(ctx)
-            # The process ends next: spare it a last garbage collection walking every object the libraries
-            # made (about 0.7 s of a conversion's wall time on our 2-core VM).
-            gc.freeze()
+            from zero2merged.runtime import skip_last_collection
+
+            skip_last_collection()  # the process ends next
             return result
         except Zero2MergedError as e:
             if ctx.params.get("debug"):
@@ -54,12 +51,14 @@ def _configure_output(debug: bool, verbosity: int) -> None:
     if not debug:
         import warnings
 
-        import transformers
-
         warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        # transformers' own logs and progress bars: set for when it is imported (not now: seconds of start-up)...
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        transformers = sys.modules.get("transformers")
+        if transformers is not None:  # ...or now, if it already is (the command called from Python)
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,43 +72,37 @@ def main(debug: bool, quiet: bool, verbose: bool) -> None:
 
 
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-base_model_option = click.option("--base-model", help="Base model path or hub id [default: the adapter config's].")
-tag_option = click.option("--tag", help="Checkpoint tag to use [default: the one 'latest' names].")
-adapter_config_option = click.option(
-    "--adapter-config", type=click.Path(exists=True), help="adapter_config.json (or its folder) if not beside the checkpoint."
-)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+
+# The fields of zero2merged.options.Source, as options (the checkpoint is each command's argument).
+SOURCE_OPTIONS = [
+    click.option("--tag", help="Checkpoint tag to use [default: the one 'latest' names]."),
+    click.option("--adapter-config", type=click.Path(exists=True),
+                 help="adapter_config.json (or its folder) if not beside the checkpoint."),
+    click.option("--base-model", help="Base model path or hub id [default: the adapter config's]."),
+    click.option("--lora-alpha", type=float,
+                 help="No adapter config anywhere: infer it from the checkpoint's keys, with this lora_alpha."),
+    click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling."),
+    click.option("--unsafe-pickle", is_flag=True,
+                 help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "
+                      "code: only for checkpoints you trust)."),
+]
 
 
-def unsafe_pickle_option(command):
-    """--unsafe-pickle: unpickle the rank files in full (the command runs within ``trusting_pickles``)."""
-
-    @functools.wraps(command)
-    def run(*args, unsafe_pickle: bool, **kwargs):
-        from zero2merged.zero import trusting_pickles
-
-        with trusting_pickles(unsafe_pickle):
-            return command(*args, **kwargs)
-
-    return click.option("--unsafe-pickle", is_flag=True,
-                        help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "
-                             "code: only for checkpoints you trust).")(run)
-
-
-def inference_options(command):
-    """--lora-alpha and --use-rslora: for runs that saved no adapter_config.json."""
-    command = click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling.")(command)
-    return click.option("--lora-alpha", type=float,
-                        help="No adapter config anywhere: infer it from the checkpoint's keys, with this lora_alpha.")(command)
+def source_options(command):
+    """Add the options that say where the run's LoRA config and base come from (keyword arguments named
+    as :class:`~zero2merged.options.Source`'s fields)."""
+    for option in reversed(SOURCE_OPTIONS):
+        command = option(command)
+    return command
 
 
 @main.command()
 @checkpoint_argument
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the merged model (new or empty).")
-@base_model_option
-@tag_option
-@adapter_config_option
-@inference_options
-@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True, help="Output dtype; auto = the base's.")
+@source_options
+@click.option("--dtype", type=click.Choice(["auto", *OUTPUT_DTYPES]), default="auto", show_default=True,
+              help="Output dtype; auto = the base's.")
 @click.option("--work-dir", type=click.Path(), help="Stage artifacts and manifest [default: OUTPUT.zero2merged-work].")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those whose results are still valid.")
@@ -121,10 +114,8 @@ def inference_options(command):
               help="Processes writing the output's shards (under torchrun, every rank writes a share instead).")
 @click.option("--device", default="cpu", show_default=True,
               help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@unsafe_pickle_option
-def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, dtype, work_dir,
-            max_shard_size, force, ignore_base_mismatch, in_memory, workers, device, as_json) -> None:
+@json_option
+def convert(checkpoint, output, as_json, **options) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
 
     \b
@@ -135,32 +126,25 @@ def convert(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use
     from zero2merged.pipeline import convert as run_convert
 
     join_launched_group()
-    report = run_convert(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
-                         lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype, work_dir=work_dir,
-                         max_shard_size=max_shard_size, force=force, ignore_base_mismatch=ignore_base_mismatch,
-                         in_memory=in_memory, workers=workers, device=device)
+    report = run_convert(checkpoint, output, **options)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
 @main.command()
 @checkpoint_argument
-@tag_option
-@adapter_config_option
-@base_model_option
-@inference_options
+@source_options
 @click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
-@unsafe_pickle_option
-def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora, as_json) -> None:
+def inspect(checkpoint, as_json, **source) -> None:
     """Show what CHECKPOINT holds and what a conversion would use.
 
     \b
     Example:
         zero2merged inspect run/checkpoint-500
     """
+    from zero2merged.report import format_info
     from zero2merged.stages.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model,
-                              lora_alpha=lora_alpha, use_rslora=use_rslora)
+    info = inspect_checkpoint(checkpoint, **source)
     click.echo(info.to_json() if as_json else format_info(info))
 
 
@@ -170,16 +154,11 @@ def inspect(checkpoint, tag, adapter_config, base_model, lora_alpha, use_rslora,
               help="The DeepSpeed checkpoint folder the merged model was made from.")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False),
               help="Or: a PEFT adapter folder (adapter_config.json + weights), with --base-model.")
-@base_model_option
-@tag_option
-@adapter_config_option
-@inference_options
+@source_options
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
               help="A text file, one prompt per line, tokenized with the base's tokenizer [default: random ids].")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@unsafe_pickle_option
-def verify(merged, checkpoint, adapter, base_model, tag, adapter_config, lora_alpha, use_rslora, prompts,
-           as_json) -> None:
+@json_option
+def verify(merged, checkpoint, adapter, prompts, as_json, **source) -> None:
     """Check that MERGED behaves like the unmerged model (from --checkpoint, or --adapter + --base-model).
 
     Exit code 0 when the parity is within tolerance, 1 when not.
@@ -189,10 +168,9 @@ def verify(merged, checkpoint, adapter, base_model, tag, adapter_config, lora_al
         zero2merged verify merged --checkpoint run/checkpoint-500
         zero2merged verify merged --adapter adapter --base-model /models/base --prompts prompts.txt
     """
-    from zero2merged.verify import verify as run_verify
+    from zero2merged.verification import verify as run_verify
 
-    report = run_verify(merged, checkpoint, adapter=adapter, base_model=base_model, tag=tag,
-                        adapter_config=adapter_config, lora_alpha=lora_alpha, use_rslora=use_rslora, prompts=prompts)
+    report = run_verify(merged, checkpoint, adapter=adapter, prompts=prompts, **source)
     p = report.parity
     verdict = "PASS" if report.passed else "FAIL"
     if as_json:
@@ -210,13 +188,9 @@ def verify(merged, checkpoint, adapter, base_model, tag, adapter_config, lora_al
 @main.command("export-adapter")
 @checkpoint_argument
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the adapter (new or empty).")
-@base_model_option
-@tag_option
-@adapter_config_option
-@inference_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@unsafe_pickle_option
-def export_adapter(checkpoint, output, base_model, tag, adapter_config, lora_alpha, use_rslora, as_json) -> None:
+@source_options
+@json_option
+def export_adapter(checkpoint, output, as_json, **source) -> None:
     """Write CHECKPOINT's adapter as a PEFT adapter folder, from the fp32 masters.
 
     The folder (adapter_config.json + adapter_model.safetensors) loads with PeftModel.from_pretrained;
@@ -228,50 +202,9 @@ def export_adapter(checkpoint, output, base_model, tag, adapter_config, lora_alp
     """
     from zero2merged.export import export_adapter as run_export
 
-    report = run_export(checkpoint, output, base_model=base_model, tag=tag, adapter_config=adapter_config,
-                        lora_alpha=lora_alpha, use_rslora=use_rslora)
+    report = run_export(checkpoint, output, **source)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
                    f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}")
-
-
-def _targets(lora: dict) -> str:
-    targets = lora.get("target_modules")
-    if not isinstance(targets, list):
-        return str(targets)
-    leaves = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
-    return ", ".join(sorted(leaves)) + (f" ({len(targets)} modules)" if len(leaves) != len(targets) else "")
-
-
-def format_info(info) -> str:
-    """Stage 1's findings as a readable block."""
-    from zero2merged.pipeline import human_size
-
-    layout = info.layout
-    trainable = sum(math.prod(s) for s in layout.trainable_shapes.values())
-    frozen = sum(math.prod(s) for s in layout.frozen.values())
-    lora = info.lora_config
-    saved = f"saved ({layout.frozen_source})" if layout.frozen_source else "not saved: taken from the base"
-    chosen = Path(info.checkpoint).name
-    rows = [
-        ("checkpoints", ", ".join(f"{c} (chosen)" if c == chosen else c for c in info.checkpoints)),
-        ("checkpoint", info.checkpoint),
-        ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
-        ("step", layout.global_step),
-        ("ZeRO", f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}"),
-        ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, {human_size(4 * trainable)} "
-                      "(fp32 masters)"),
-        ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, "
-                   f"{human_size(frozen * (4 if layout.dtype == 'fp32' else 2))}, {saved}"),
-        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha'):g}, targets {_targets(lora)}, "
-                 f"adapter '{info.adapter_name}'"),
-        ("LoRA config", info.adapter_config_path),
-        ("base model", info.base_model),
-    ]
-    rows += [("detected" if i == 0 else "", feature) for i, feature in enumerate(info.features)]
-    rows += [("inferred" if i == 0 else "", note) for i, note in enumerate(info.inferred)]
-    lines = [f"{name:12} {value}" for name, value in rows if value not in ("", None)]
-    lines += [f"note: {w}" for w in info.warnings]
-    return "\n".join(lines)

@@ -16,13 +16,13 @@ class Channel:
         self.group = group
         self.world_size = world_size
 
-    def send_tasks(self, tasks: list[dict]) -> None:
-        """``tasks[i]`` goes to rank ``i + 1`` (see :func:`zero2merged.workers.write_share`)."""
+    def send_tasks(self, tasks: list) -> None:
+        """``tasks[i]`` (a :class:`~zero2merged.workers.ShardTask`) goes to rank ``i + 1``."""
         import torch.distributed as dist
 
         dist.broadcast_object_list([("tasks", tasks)], src=0, group=self.group)
 
-    def gather_results(self) -> list[dict]:
+    def gather_results(self) -> list:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.world_size
@@ -119,7 +119,7 @@ def _serve(group, rank: int) -> Any:
         if kind != "tasks":
             break
         try:
-            result = ("ok", write_share(**value[rank - 1]))
+            result = ("ok", write_share(value[rank - 1]))
         except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the conversion
             result = ("error", f"rank {rank} failed writing its shards: {type(e).__name__}: {e}")
         dist.gather_object(result, None, dst=0, group=group)

@@ -20,6 +20,10 @@ class BaseModelError(Zero2MergedError):
     """The base model cannot be loaded or does not fit the checkpoint."""
 
 
+class OptionError(Zero2MergedError):
+    """An option's value is not one zero2merged accepts, or options that do not go together."""
+
+
 class OutputError(Zero2MergedError):
     """The output or work directory cannot be used."""
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from zero2merged.basemodel import load_base
 from zero2merged.distributed import on_rank_zero
-from zero2merged.errors import OutputError, VerificationError
+from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
+from zero2merged.options import Source
 from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
-from zero2merged.stages.save import carry_tokenizer, partial_path
-from zero2merged.verify import unmerged_model
+from zero2merged.stages.save import carry_tokenizer, check_output_free, partial_path
+from zero2merged.verification import unmerged_model
 
 
 @dataclass
@@ -36,41 +38,35 @@ class ExportReport:
         return asdict(self)
 
 
-def export_adapter(
-    checkpoint: Path | str,
-    output: Path | str,
-    *,
-    base_model: str | None = None,
-    tag: str | None = None,
-    adapter_config: Path | str | None = None,
-    lora_alpha: float | None = None,
-    use_rslora: bool = False,
-) -> ExportReport:
+def export_adapter(checkpoint: Path | str, output: Path | str, **source: Any) -> ExportReport:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32 masters) for the checkpoint's adapter.
 
-    Arguments as for :func:`zero2merged.convert`; ``output`` must not exist or be empty. Inside a
-    distributed job rank 0 does the work.
+    Args:
+        checkpoint: As for :func:`zero2merged.convert`.
+        output: The adapter's folder; must not exist or be empty.
+        **source: The rest of :class:`~zero2merged.options.Source` (``base_model``, ``tag``, ...).
+
+    Inside a distributed job rank 0 does the work.
 
     Raises:
         Zero2MergedError: bad input, or the written adapter does not reproduce the trained model.
     """
-    options = dict(base_model=base_model, tag=tag, adapter_config=adapter_config, lora_alpha=lora_alpha,
-                   use_rslora=use_rslora)
-    return on_rank_zero(lambda _channel: _export(Path(checkpoint), Path(output).expanduser().resolve(), **options))
+    run = Source(checkpoint, **source)
+    return on_rank_zero(lambda _channel: _export(run, Path(output).expanduser().resolve()))
 
 
-def _export(checkpoint: Path, output: Path, **options) -> ExportReport:
+def _export(source: Source, output: Path) -> ExportReport:
     from peft import PeftModel
 
-    if output.is_dir() and any(output.iterdir()):
-        raise OutputError(f"the output {output} is not empty (never overwritten); choose a new --output or empty it")
-    info = inspect_checkpoint(checkpoint, **options)
-    model, rebuilt = unmerged_model(info)
+    check_output_free(output)
+    with source.pickle_policy():
+        info = inspect_checkpoint(source)
+        model, rebuilt = unmerged_model(info)
     staged = fresh_dir(partial_path(output))
     model.save_pretrained(staged)
     carry_tokenizer([info.checkpoint], staged)
 
-    fresh = load_base(rebuilt["auto_class"], info.base_model)
+    fresh = load_base(rebuilt.auto_class, info.base_model)
     resize_to_checkpoint(fresh, info)
     reloaded = PeftModel.from_pretrained(fresh, staged, adapter_name=info.adapter_name)
     inputs = probe_inputs(fresh.config)

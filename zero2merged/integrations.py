@@ -12,7 +12,8 @@ from transformers import TrainerCallback
 
 from zero2merged import names
 from zero2merged.errors import CheckpointError
-from zero2merged.pipeline import ConvertReport, convert
+from zero2merged.pipeline import convert
+from zero2merged.report import ConvertReport
 
 
 class MergeOnTrainEnd(TrainerCallback):

@@ -1,7 +1,7 @@
 """The work directory's manifest: one record per stage, written atomically; and the file helpers it uses.
 
-A record holds the stage's status, a fingerprint of its inputs, its output files with size and sha256,
-its metrics and its time. A stage is *current* when its record says done, the fingerprint of today's
+A record holds the stage's status, a fingerprint of its inputs, its typed result, its output files with
+size and sha256, and its time. A stage is *current* when its record says done, the fingerprint of today's
 inputs matches, and every output file still hashes to what was recorded: then a rerun skips it.
 """
 
@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-FORMAT = 2  # bump when an artifact's layout changes: older work directories are then redone
+FORMAT = 3  # bump when an artifact's layout changes: older work directories are then redone
 
 
 def fingerprint(inputs: Any) -> str:
@@ -26,9 +26,67 @@ def fingerprint(inputs: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-_hashed: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256, for this process
-_hashing: dict[tuple, Future] = {}  # the same key -> a background sync_and_hash still running
-_background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero2merged-sync")
+class FileHashes:
+    """The sha256 of the files one run writes and checks, each read once; and the thread that flushes (and
+    hashes) a finished file in the background while the next one is written.
+
+    A file is known by device, inode, size and mtime, so a hard link of a file hashed before (the output's
+    files are links of the merge stage's) is not read again, and a changed file is.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[tuple, str] = {}
+        self._pending: dict[tuple, Future] = {}  # a background flush (and hash) still running
+        self._thread: ThreadPoolExecutor | None = None  # started by the first flush_later
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256 (waiting for its background flush, and raising what that raised)."""
+        key = _key(path.stat())
+        if key in self._pending:
+            self._pending.pop(key).result()
+        if key not in self._done:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self._done[key] = _sha256_fd(fd)
+            finally:
+                os.close(fd)
+        return self._done[key]
+
+    def flush_later(self, path: Path, *, hashing: bool = True) -> Future:
+        """Flush a finished file to disk and (with ``hashing``) hash it on the background thread, while the
+        caller goes on to write the next one (on another core: both wait on the kernel, not on Python).
+
+        The caller must wait for the returned future before relying on the file (a full disk may show only
+        when it is flushed); :meth:`sha256` waits for it too. The file is opened now, so renaming its folder
+        meanwhile does not matter. Hashing pays only in the process that writes the manifest.
+        """
+        fd = os.open(path, os.O_RDONLY)
+        key = _key(os.fstat(fd))
+
+        def finish() -> None:
+            try:
+                os.fsync(fd)
+                if hashing:
+                    self._done[key] = _sha256_fd(fd)
+            finally:
+                os.close(fd)
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero2merged-flush")
+        self._pending[key] = done = self._thread.submit(finish)
+        return done
+
+    def close(self) -> None:
+        """Wait for the background work and stop its thread."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    def __enter__(self) -> FileHashes:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _key(stat: os.stat_result) -> tuple:
@@ -42,41 +100,6 @@ def _sha256_fd(fd: int, chunk: int = 1 << 22) -> str:
         digest.update(view[:got])
         at += got
     return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256; a file hashed before in this process, unchanged (a hard link of it, say: the
-    output's files are links of the merge stage's), is not read again."""
-    key = _key(path.stat())
-    if key in _hashing:
-        _hashing.pop(key).result()  # raises what the background fsync or read raised
-    if key not in _hashed:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            _hashed[key] = _sha256_fd(fd)
-        finally:
-            os.close(fd)
-    return _hashed[key]
-
-
-def sync_and_hash_later(path: Path, *, hashing: bool = True) -> Future:
-    """Flush a finished file to disk and (with ``hashing``) hash it in a background thread, while the caller
-    goes on to write the next one (on another core: both wait on the kernel, not on Python). The caller
-    must wait for the returned future before relying on the file (a full disk may show only when it is
-    flushed); :func:`sha256_file` waits for it too. The file is opened now, so renaming its folder
-    meanwhile does not matter. Hashing pays only in the process that writes the manifest."""
-    fd = os.open(path, os.O_RDONLY)
-    key = _key(os.fstat(fd))
-
-    def finish() -> None:
-        try:
-            os.fsync(fd)
-            if hashing:
-                _hashed[key] = _sha256_fd(fd)
-        finally:
-            os.close(fd)
-    _hashing[key] = done = _background.submit(finish)
-    return done
 
 
 def files_stat(paths: list[Path]) -> list[list]:
@@ -112,26 +135,29 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def describe_outputs(root: Path, files: list[Path]) -> dict[str, dict]:
-    """Output files relative to ``root``, with size and sha256."""
-    return {
-        str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        for f in sorted(files)
-    }
-
-
 class Manifest:
-    """The stage records of one work directory (``manifest.json``)."""
+    """The stage records of one work directory (``manifest.json``).
 
-    def __init__(self, path: Path):
+    Args:
+        path: The manifest file (absent or damaged: every stage is redone).
+        hashes: The run's file hashes (a fresh set if not given).
+    """
+
+    def __init__(self, path: Path, hashes: FileHashes | None = None):
         self.path = path
+        self.hashes = hashes or FileHashes()
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
-            data = {}  # absent or damaged: every stage is redone
-        if data.get("format") != FORMAT:
+            data = {}
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             data = {}
         self.stages: dict[str, dict] = data.get("stages", {})
+
+    def describe(self, root: Path, files: list[Path]) -> dict[str, dict]:
+        """Output files relative to ``root``, with size and sha256."""
+        return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": self.hashes.sha256(f)}
+                for f in sorted(files)}
 
     def current(self, stage: str, fingerprint_: str, root: Path) -> dict | None:
         """The stage's record if it is done, for these inputs, with its outputs intact; else None."""
@@ -140,17 +166,14 @@ class Manifest:
             return None
         for name, expected in record.get("outputs", {}).items():
             path = root / name
-            if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+            if (not path.is_file() or path.stat().st_size != expected["bytes"]
+                    or self.hashes.sha256(path) != expected["sha256"]):
                 return None
         return record
 
     def put(self, stage: str, record: dict) -> None:
         self.stages[stage] = dict(record, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.write()
-
-    def drop(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self.write()
 
     def write(self) -> None:
         write_text_atomic(self.path, json.dumps({"format": FORMAT, "stages": self.stages}, indent=2, sort_keys=True))

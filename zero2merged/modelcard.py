@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 
-from zero2merged.stages.inspect import CheckpointInfo
+from zero2merged.results import CheckpointInfo, MergeResult, Parity
 
 LIBRARIES = ("zero2merged", "deepspeed", "peft", "transformers", "torch", "safetensors")
 
@@ -22,22 +22,30 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def render(info: CheckpointInfo, *, dtype: str, merge_parity: dict, save_parity: dict | None) -> str:
-    """The card's Markdown, front matter first (the Hugging Face Hub reads ``base_model`` and ``tags``)."""
+def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity: Parity | None) -> str:
+    """The card's Markdown, front matter first (the Hugging Face Hub reads ``base_model`` and ``tags``).
+
+    Args:
+        info: What stage 1 found (the provenance).
+        dtype: The output dtype's short name.
+        merged: Stage 5's result: the merged vs unmerged parity.
+        save_parity: In memory, the saved model reloaded vs the fp32 merge (None when streaming).
+    """
     layout, lora = info.layout, info.lora_config
     versions = library_versions()
     lora_fields = {key: lora.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora",
                                                   "rank_pattern", "alpha_pattern", "modules_to_save",
                                                   "task_type") if lora.get(key) not in (None, {}, [])}
+    parity = merged.parity
     checks = [f"- Each LoRA layer merged by PEFT and compared with the unmerged layer on seeded probe inputs "
-              f"(fp32): max abs diff {merge_parity['max_abs_diff']:.3g}, top-1 agreement "
-              f"{merge_parity['top1_agreement']:.4f} over {merge_parity.get('layers')} layers."
-              if "layers" in merge_parity else
+              f"(fp32): max abs diff {parity.max_abs_diff:.3g}, top-1 agreement "
+              f"{parity.top1_agreement:.4f} over {merged.layers} layers."
+              if merged.layers is not None else
               f"- Merged vs unmerged model (PEFT `merge_and_unload`, fp32) on seeded probe inputs: max abs diff "
-              f"{merge_parity['max_abs_diff']:.3g}, top-1 agreement {merge_parity['top1_agreement']:.4f}."]
+              f"{parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}."]
     if save_parity:
         checks.append(f"- This {dtype} model reloaded with the plain Auto class vs the fp32 merge: max abs diff "
-                      f"{save_parity['max_abs_diff']:.3g}, top-1 agreement {save_parity['top1_agreement']:.4f}.")
+                      f"{save_parity.max_abs_diff:.3g}, top-1 agreement {save_parity.top1_agreement:.4f}.")
     checks.append("- Every weight written once (tied ones once), named and sharded as `save_pretrained` writes "
                   "them, checked against the model the saved config builds.")
     lines = [

@@ -27,13 +27,10 @@ GLOBAL_STEPS = "global_steps"
 DS_CONFIG = "ds_config"
 
 # In the work directory.
-MANIFEST = "manifest.json"  # stage records: fingerprints, outputs with sha256, metrics, timings
+MANIFEST = "manifest.json"  # stage records: fingerprints, typed results, outputs with sha256, timings
 LOCK = "lock"  # held (flock) by the run using the work directory
-INSPECT = "inspect.json"  # stage 1: what the checkpoint holds
 CONSOLIDATED = "consolidated.safetensors"  # stage 2: every saved param (trainable in fp32, frozen by reference)
-REBUILD = "rebuild.json"  # stage 3: the model class and LoRA config the wrapper was built from
-LOAD = "load.json"  # stage 4: where every key came from
-MERGED = "merged"  # stage 5: the merged model in fp32 (save_pretrained layout)
+MERGED = "merged"  # stage 5: the output's files (streaming), or the merged model in fp32 (in memory)
 PROBES = "probes.safetensors"  # stage 5: probe inputs and the unmerged / merged outputs on them
 REPORT = "report.json"  # the last run's report: every stage, ran or skipped, times, metrics
 

@@ -25,7 +25,7 @@ import torch
 
 # safetensors' dtype names, in the order of its Rust enum: save_file lays tensors out by this order
 # (highest first), then by name.
-DTYPES: dict[torch.dtype, str] = {
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
     torch.uint8: "U8",
     torch.int8: "I8",
@@ -37,8 +37,8 @@ DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.int64: "I64",
 }
-_RANK = {name: rank for rank, name in enumerate(DTYPES.values())}
-_FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
+_RANK = {name: rank for rank, name in enumerate(SAFETENSORS_DTYPES.values())}
+_FROM_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
 REFERENCES_KEY = "zero2merged.references"  # metadata: name -> dtype, shape and the byte ranges holding it
 
@@ -71,9 +71,9 @@ class Writer:
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str],
                  references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None, *, sync: bool = True):
         self.path, self.sync = path, sync
-        order = sorted(specs, key=lambda name: (-_RANK[DTYPES[specs[name][0]]], name))
+        order = sorted(specs, key=lambda name: (-_RANK[SAFETENSORS_DTYPES[specs[name][0]]], name))
         if references:
-            listed = {name: {"dtype": DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
+            listed = {name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
                       for name, (dtype, shape, ranges) in references.items()}
             metadata = {**metadata, REFERENCES_KEY: json.dumps(listed, sort_keys=True)}
         header: dict = {"__metadata__": metadata} if metadata else {}
@@ -82,7 +82,7 @@ class Writer:
         for name in order:
             dtype, shape = specs[name]
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.extent[name] = (offset, offset + size)
             offset += size
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()

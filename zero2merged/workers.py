@@ -1,75 +1,96 @@
 """More processes writing the merged model's shards: local ones (``--workers N``) or torch.distributed ranks.
 
 The process running the conversion deals the shards out (:func:`~zero2merged.stages.merge.merge_streaming`)
-and writes its own share; each helper rebuilds the same plan from the work directory's files (the LoRA
-config, the base's config, stage 4's sources: all small) and writes its share into the same staged folder.
-Shards are disjoint files, so nothing is coordinated but the hand-out and the results. Across machines,
-the work directory and the checkpoint (whose rank files hold the frozen weights the consolidated store
-refers to) must be on a filesystem every rank sees, at the same paths.
+and writes its own share; each helper is handed a :class:`ShardTask` (the run's inspect result and stage 4's
+sources: small), rebuilds the same plan from it and writes its share into the same staged folder. Shards are
+disjoint files, so nothing is coordinated but the hand-out and the results. Across machines, the work
+directory and the checkpoint (whose rank files hold the frozen weights the consolidated store refers to)
+must be on a filesystem every rank sees, at the same paths.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from zero2merged import names
 from zero2merged.errors import Zero2MergedError
+from zero2merged.results import CheckpointInfo, Parity
 
 
-def write_share(work_dir: str, staged: str, shards: list[str], dtype: str, max_shard_size: str | int,
-                device: str) -> dict:
-    """In a helper: rebuild the plan from ``work_dir`` and write ``shards`` into ``staged``."""
-    from zero2merged.stages.inspect import CheckpointInfo
-    from zero2merged.stages.merge import plan_shards, write_shards
+@dataclass(frozen=True)
+class ShardTask:
+    """What writing a share of the merged model's shards needs (every process computes the same plan from it).
+
+    Attributes:
+        info: Stage 1's result.
+        sources: Stage 4's plan: wrapper key -> ``[file, name in it]``.
+        staged: The folder the shards are written into.
+        dtype: The output dtype's short name.
+        max_shard_size: The largest shard, in bytes.
+        device: Where each layer is merged and checked.
+        block_bytes: See :class:`~zero2merged.options.Tuning`.
+        shards: The share to write.
+    """
+
+    info: CheckpointInfo
+    sources: dict[str, list[str]]
+    staged: str
+    dtype: str
+    max_shard_size: int
+    device: str
+    block_bytes: int
+    shards: list[str] = field(default_factory=list)
+
+
+def write_share(task: ShardTask) -> Parity:
+    """In a helper: rebuild the plan and write ``task.shards``; returns their worst per-layer parity."""
+    from zero2merged.dtypes import TORCH_DTYPES
+    from zero2merged.manifest import FileHashes
+    from zero2merged.shards import plan_shards, write_shards
     from zero2merged.stages.rebuild import rebuild
-    from zero2merged.stages.save import DTYPES
 
-    work = Path(work_dir)
-    info = CheckpointInfo.from_json((work / names.INSPECT).read_text())
-    model, _ = rebuild(info, on_meta=True)
-    sources = json.loads((work / names.LOAD).read_text())["sources"]
-    plan = plan_shards(model, DTYPES[dtype], max_shard_size)
-    return write_shards(plan, shards, info.adapter_name, sources, Path(staged), device, hashing=False)
+    model, _ = rebuild(task.info, on_meta=True)
+    plan = plan_shards(model, TORCH_DTYPES[task.dtype], task.max_shard_size)
+    with FileHashes() as hashes:  # flushed, not hashed: only the process recording the manifest hashes
+        return write_shards(plan, task.shards, task.info.adapter_name, task.sources, Path(task.staged),
+                            flush=functools.partial(hashes.flush_later, hashing=False), device=task.device,
+                            block_bytes=task.block_bytes)
 
 
-class _Helpers:
-    """What :func:`merge_streaming` needs of its helpers: how many, and a way to start their shares."""
+class Helpers:
+    """What :func:`~zero2merged.stages.merge.merge_streaming` needs of its helpers: how many there are, and
+    a way to start their shares."""
 
     size: int
 
-    def __init__(self, work_dir: Path, staged: Path, dtype: str, max_shard_size: str | int, device: str):
-        self.task = {"work_dir": str(work_dir), "staged": str(staged), "dtype": dtype,
-                     "max_shard_size": max_shard_size, "device": device}
-
-    def start(self, shares: list[list[str]]) -> Callable[[], list[dict]]:
-        """Start writing ``shares`` (one per helper); returns a wait for their results."""
+    def start(self, tasks: list[ShardTask]) -> Callable[[], list[Parity]]:
+        """Start writing ``tasks`` (one per helper); returns a wait for their results."""
         raise NotImplementedError
 
 
-def make_helpers(channel, workers: int, *task) -> _Helpers | None:
-    """Who else writes shards: the other ranks of a distributed job (``channel``), or ``workers - 1``
-    local processes; None when this process writes them all. ``task``: see :class:`_Helpers`."""
+def make_helpers(channel, workers: int) -> Helpers | None:
+    """Who else writes shards: the other ranks of a distributed job (``channel``), or ``workers - 1`` local
+    processes; None when this process writes them all."""
     if channel is not None:
-        return RankHelpers(channel, *task)
+        return RankHelpers(channel)
     if workers > 1:
-        return LocalHelpers(workers - 1, *task)
+        return LocalHelpers(workers - 1)
     return None
 
 
-class LocalHelpers(_Helpers):
+class LocalHelpers(Helpers):
     """``size`` more processes on this machine (spawned: forking a process that has run torch is unsafe)."""
 
-    def __init__(self, size: int, *args):
-        super().__init__(*args)
+    def __init__(self, size: int):
         self.size = size
 
-    def start(self, shares):
+    def start(self, tasks):
         pool = ProcessPoolExecutor(max_workers=self.size, mp_context=get_context("spawn"))
-        futures = [pool.submit(write_share, shards=share, **self.task) for share in shares]
+        futures = [pool.submit(write_share, task) for task in tasks]
 
         def wait():
             try:
@@ -83,14 +104,13 @@ class LocalHelpers(_Helpers):
         return wait
 
 
-class RankHelpers(_Helpers):
+class RankHelpers(Helpers):
     """The other ranks of a torch.distributed job, serving in :func:`zero2merged.distributed.on_rank_zero`."""
 
-    def __init__(self, channel, *args):
-        super().__init__(*args)
+    def __init__(self, channel):
         self.channel = channel
         self.size = channel.world_size - 1
 
-    def start(self, shares):
-        self.channel.send_tasks([dict(self.task, shards=share) for share in shares])
+    def start(self, tasks):
+        self.channel.send_tasks(tasks)
         return self.channel.gather_results

@@ -36,16 +36,16 @@ import pickle
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from zero2merged import names
+from zero2merged.dtypes import SHORT_NAMES
 from zero2merged.errors import CheckpointError
+from zero2merged.options import Tuning
+from zero2merged.results import ZeroLayout
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PIECE_ELEMENTS = 4 << 20  # the most elements one piece holds (16 MB of fp32)
 
 
 class _Record:
@@ -157,43 +157,6 @@ def rank_files(tag_dir: Path) -> tuple[list[Path], list[Path]]:
     return model, optim
 
 
-@dataclass
-class ZeroLayout:
-    """What a ZeRO checkpoint tag holds, read from its metadata without touching any weights.
-
-    Attributes:
-        zero_stage: 1, 2 or 3.
-        world_size: Data-parallel ranks the masters are split across.
-        dtype: Training precision: ``bf16``, ``fp16`` or ``fp32``.
-        ds_version: DeepSpeed version that wrote the files.
-        global_step: Optimizer step of the save.
-        trainable: Trainable param name -> shape, per param group, in DeepSpeed's flattening order.
-        frozen: Saved frozen param name -> shape (empty when none were saved).
-        frozen_source: Where the frozen params are: ``frozen_param_fragments``, ``module`` or ``None``.
-        buffers: Persistent buffer name -> shape.
-        shared: Alias name -> name of the param it shares storage with.
-        model_files: Model-state files, by rank.
-        optim_files: Optimizer-state files, by rank.
-    """
-
-    zero_stage: int
-    world_size: int
-    dtype: str
-    ds_version: str | None
-    global_step: int | None
-    trainable: list[dict[str, list[int]]]
-    frozen: dict[str, list[int]]
-    frozen_source: str | None
-    buffers: dict[str, list[int]]
-    shared: dict[str, str] = field(default_factory=dict)
-    model_files: list[str] = field(default_factory=list)
-    optim_files: list[str] = field(default_factory=list)
-
-    @property
-    def trainable_shapes(self) -> dict[str, list[int]]:
-        return {name: shape for group in self.trainable for name, shape in group.items()}
-
-
 def _shape(value) -> list[int]:
     return [int(d) for d in value]
 
@@ -271,7 +234,7 @@ def _training_dtype(optim_file: Path, states: dict, module: dict) -> str:
     if optim_file.name.startswith("bf16_"):
         return "bf16"
     dtypes = {t.dtype for t in module.values() if t.is_floating_point()}
-    return DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
+    return SHORT_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
 
 
 class _FlatView:
@@ -295,10 +258,10 @@ class _FlatView:
                 yield lo - start, part.narrow(0, lo - begin, hi - lo)
 
 
-def _split(offset: int, flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """A 1-D view cut into pieces of at most ``PIECE_ELEMENTS``, with their element offsets."""
-    for first in range(0, flat.numel(), PIECE_ELEMENTS):
-        yield offset + first, flat.narrow(0, first, min(PIECE_ELEMENTS, flat.numel() - first))
+def _split(offset: int, flat: torch.Tensor, limit: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """A 1-D view cut into pieces of at most ``limit`` elements, with their element offsets."""
+    for first in range(0, flat.numel(), limit):
+        yield offset + first, flat.narrow(0, first, min(limit, flat.numel() - first))
 
 
 class ZeroReader:
@@ -307,11 +270,13 @@ class ZeroReader:
     Args:
         tag_dir: The tag folder (``global_stepN``).
         layout: Its :func:`read_layout`.
+        piece_elements: The most elements one piece holds.
     """
 
-    def __init__(self, tag_dir: Path, layout: ZeroLayout):
+    def __init__(self, tag_dir: Path, layout: ZeroLayout, *, piece_elements: int = Tuning.piece_elements):
         self.tag_dir = tag_dir
         self.layout = layout
+        self.piece_elements = piece_elements
 
     @functools.cached_property
     def _model_states(self) -> list[dict]:
@@ -370,7 +335,7 @@ class ZeroReader:
 
     def pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         """``(name, element offset, 1-D piece)`` of every tensor, in order, each piece at most
-        ``PIECE_ELEMENTS`` long. The file pages under a piece are released once the consumer resumes.
+        ``piece_elements`` long. The file pages under a piece are released once the consumer resumes.
         Sizes are checked before anything is yielded."""
         for name, offset, piece in self._all_pieces():
             yield name, offset, piece
@@ -423,7 +388,7 @@ class ZeroReader:
         for flat, entries in plan:
             for name, shape, offset in entries:
                 for at, view in flat.pieces(offset, math.prod(shape)):
-                    for piece_at, piece in _split(at, view):
+                    for piece_at, piece in _split(at, view, self.piece_elements):
                         yield name, piece_at, piece
 
     def _zero3_trainable(self, masters) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -441,12 +406,12 @@ class ZeroReader:
                 valid = min(part, numel - rank * part)  # the last rank's piece is padded
                 if valid > 0:
                     for at, piece in view.pieces(offset, valid):
-                        yield from ((name, rank * part + a, p) for a, p in _split(at, piece))
+                        yield from ((name, rank * part + a, p) for a, p in _split(at, piece, self.piece_elements))
             offset += part
 
     def _frozen(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         for name, offset, fragment in self._frozen_fragments():
-            yield from ((name, a, p) for a, p in _split(offset, fragment))
+            yield from ((name, a, p) for a, p in _split(offset, fragment, self.piece_elements))
 
     def _frozen_fragments(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         """``(name, element offset, 1-D view)`` of each saved frozen param's parts as the files hold them

@@ -21,30 +21,56 @@ import torch
 
 from zero2merged.errors import CheckpointError, VerificationError
 from zero2merged.manifest import replacing
+from zero2merged.options import Tuning
 from zero2merged.progress import Progress
+from zero2merged.results import CheckpointInfo, ConsolidateResult
+from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader, Writer, writer_bytes
-from zero2merged.stages.inspect import CheckpointInfo
 from zero2merged.zero import ZeroReader
 
 ALIASES_KEY = "zero2merged.aliases"  # metadata: alias name -> the saved name it shares storage with
 
 
-def consolidate(info: CheckpointInfo, path: Path) -> dict:
+class Consolidate(Stage[ConsolidateResult]):
+    """Stage 2 in a conversion; it reads the rank files, which are inspect's inputs too (a new save under the
+    tag redoes both).
+
+    Args:
+        info: Stage 1's result.
+        path: The store to write (``consolidated.safetensors`` in the work directory).
+        tuning: How many elements of the rank files to read at a time.
+    """
+
+    name = "consolidate"
+    result_type = ConsolidateResult
+
+    def __init__(self, info: CheckpointInfo, path: Path, tuning: Tuning):
+        self.info, self.path, self.tuning = info, path, tuning
+
+    def outputs(self) -> list[Path]:
+        return [self.path]
+
+    def run(self) -> ConsolidateResult:
+        return consolidate(self.info, self.path, piece_elements=self.tuning.piece_elements)
+
+
+def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tuning.piece_elements) -> ConsolidateResult:
     """Stage 2: read the rank files and write ``path`` (safetensors, frozen params by reference), verified
     against the param tables.
 
     Args:
         info: Stage 1's result.
         path: The file to write (replaced atomically).
+        piece_elements: The most elements read from the rank files at a time.
 
     Returns:
-        Metrics: tensor counts per kind and bytes written.
+        Tensor counts per kind and the bytes written.
 
     Raises:
         CheckpointError: a tensor is missing, mis-sized or holds NaN/inf.
     """
     layout = info.layout
-    reader = ZeroReader(info.tag_dir, layout)
+    reader = ZeroReader(info.tag_dir, layout, piece_elements=piece_elements)
     specs = reader.specs()
     referenced = reader.frozen_ranges()
     stored = {name: spec for name, spec in specs.items() if name not in referenced}
@@ -61,18 +87,18 @@ def consolidate(info: CheckpointInfo, path: Path) -> dict:
                     raise CheckpointError(f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
                                           "training diverged before this save; convert an earlier tag with --tag")
                 writer.write(name, piece, offset * piece.element_size())
-        _verify(tmp, info, specs, writer.size)
-    return {
-        "trainable": len(layout.trainable_shapes),
-        "frozen": len(layout.frozen),
-        "frozen_by_reference": len(referenced),
-        "buffers": len(layout.buffers),
-        "bytes": path.stat().st_size,
-        "parameters": sum(math.prod(shape) for _, shape in specs.values()),
-    }
+        _check_store(tmp, info, specs, writer.size)
+    return ConsolidateResult(
+        trainable=len(layout.trainable_shapes),
+        frozen=len(layout.frozen),
+        frozen_by_reference=len(referenced),
+        buffers=len(layout.buffers),
+        bytes=path.stat().st_size,
+        parameters=sum(math.prod(shape) for _, shape in specs.values()),
+    )
 
 
-def _verify(path: Path, info: CheckpointInfo, specs: dict, size: int) -> None:
+def _check_store(path: Path, info: CheckpointInfo, specs: dict, size: int) -> None:
     """Every name of the checkpoint's shape tables is there with its shape and dtype, the file whole, and
     every reference within the files it names."""
     if path.stat().st_size != size:

@@ -11,70 +11,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from zero2merged import names
-from zero2merged.adapter_keys import (
-    AdapterKeys,
-    describe,
-    infer_lora_config,
-    read_adapter_keys,
-)
-from zero2merged.errors import (
-    AdapterConfigError,
-    BaseModelError,
-    CheckpointError,
-    Zero2MergedError,
-)
-from zero2merged.zero import ZeroLayout, read_layout
+from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
+from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError
+from zero2merged.manifest import files_stat
+from zero2merged.options import Source
+from zero2merged.results import CheckpointInfo, ZeroLayout
+from zero2merged.runner import Stage
+from zero2merged.zero import read_layout
 
 INFERRED = "inferred from the checkpoint's keys"  # adapter_config_path when no config was saved
-
-
-@dataclass
-class CheckpointInfo:
-    """Everything stage 1 found; saved as ``inspect.json`` and read by the later stages.
-
-    Attributes:
-        checkpoint: The folder holding ``latest`` and the tag folders.
-        tag: The tag converted (``global_stepN``).
-        tags: Every tag folder found, oldest first.
-        checkpoints: When a run folder was given, its checkpoint folders (the newest is converted unless
-            ``--tag`` names another).
-        layout: The ZeRO metadata of the tag (stage, world size, dtype, param tables).
-        adapter_config_path: Where the LoRA config came from (or ``INFERRED``).
-        lora_config: The LoRA config, as PEFT saves it.
-        adapter_name: PEFT's adapter name in the param keys (``default`` unless training chose another).
-        base_model: Path or hub id of the base model.
-        features: What kind of checkpoint this is, beyond the plain case (DoRA, tied embeddings, ...).
-        inferred: When no LoRA config was saved: what was inferred from the keys, and from where.
-        warnings: Things the user should know; none of them stops the conversion.
-    """
-
-    checkpoint: str
-    tag: str
-    tags: list[str]
-    checkpoints: list[str]
-    layout: ZeroLayout
-    adapter_config_path: str
-    lora_config: dict
-    adapter_name: str
-    base_model: str
-    features: list[str] = field(default_factory=list)
-    inferred: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def tag_dir(self) -> Path:
-        return Path(self.checkpoint) / self.tag
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CheckpointInfo:
-        data = json.loads(text)
-        data["layout"] = ZeroLayout(**data["layout"])
-        return cls(**data)
 
 
 def _natural(text: str) -> list:
@@ -155,16 +103,26 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
     return Location(checkpoint, tag, tags)
 
 
-def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
-    """``--adapter-config`` (a file or the folder holding one), else the checkpoint folder or its parent."""
+def adapter_config_candidates(checkpoint: Path, given: Path | None) -> list[Path]:
+    """Where the LoRA config is looked for, in order: ``--adapter-config`` (a file or the folder holding one),
+    else the checkpoint folder and its parent."""
     if given is not None:
-        path = given / names.ADAPTER_CONFIG if given.is_dir() else given
-        if not path.is_file():
-            raise AdapterConfigError(f"adapter config {path} does not exist")
-        return path
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / names.ADAPTER_CONFIG).is_file():
-            return folder / names.ADAPTER_CONFIG
+        return [given / names.ADAPTER_CONFIG if given.is_dir() else given]
+    return [checkpoint / names.ADAPTER_CONFIG, checkpoint.parent / names.ADAPTER_CONFIG]
+
+
+def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
+    """The first of :func:`adapter_config_candidates` that exists.
+
+    Raises:
+        AdapterConfigError: none does.
+    """
+    candidates = adapter_config_candidates(checkpoint, given)
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        return found
+    if given is not None:
+        raise AdapterConfigError(f"adapter config {candidates[0]} does not exist")
     raise AdapterConfigError(f"no {names.ADAPTER_CONFIG} in {checkpoint} or its parent; pass --adapter-config "
                              "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
                              "infer the rest from the checkpoint")
@@ -192,14 +150,14 @@ def _adapter_name(keys: AdapterKeys, layout: ZeroLayout, tag_dir: Path) -> str:
     return found.pop()
 
 
-def _lora_config(folder: Path, given, keys: AdapterKeys, lora_alpha, use_rslora) -> tuple[str, dict, list[str]]:
+def _lora_config(folder: Path, source: Source, keys: AdapterKeys) -> tuple[str, dict, list[str]]:
     """(where from, config, what was inferred): the saved config, else one inferred from the keys."""
     try:
-        path = find_adapter_config(folder, Path(given).expanduser() if given else None)
+        path = find_adapter_config(folder, source.adapter_config)
     except AdapterConfigError:
-        if given or lora_alpha is None:
+        if source.adapter_config or source.lora_alpha is None:
             raise
-        config, inferred = infer_lora_config(keys, lora_alpha=lora_alpha, use_rslora=use_rslora)
+        config, inferred = infer_lora_config(keys, lora_alpha=source.lora_alpha, use_rslora=source.use_rslora)
         return INFERRED, config, inferred
     return str(path), _read_lora_config(path), []
 
@@ -253,38 +211,35 @@ def _warnings(layout: ZeroLayout, folder: Path) -> list[str]:
     return notes
 
 
-def inspect_checkpoint(
-    checkpoint: Path | str,
-    *,
-    tag: str | None = None,
-    adapter_config: Path | str | None = None,
-    base_model: str | None = None,
-    lora_alpha: float | None = None,
-    use_rslora: bool = False,
-) -> CheckpointInfo:
+def inspect_checkpoint(checkpoint: Path | str | Source, **source: Any) -> CheckpointInfo:
     """Stage 1: read a ZeRO checkpoint's metadata and find its LoRA config and base model.
 
     Args:
-        checkpoint: The folder holding ``latest``, a tag folder, or a run folder of checkpoints.
-        tag: Tag (or checkpoint folder) to convert instead of the newest.
-        adapter_config: ``adapter_config.json`` (or its folder) when the checkpoint has none.
-        base_model: Base model path or hub id; defaults to the adapter config's ``base_model_name_or_path``.
-        lora_alpha: With no adapter config anywhere: infer one from the checkpoint's keys, with this alpha.
-        use_rslora: With ``lora_alpha``: the run used rsLoRA scaling.
+        checkpoint: The folder holding ``latest``, a tag folder, or a run folder of checkpoints (or a whole
+            :class:`~zero2merged.options.Source`).
+        **source: The rest of :class:`~zero2merged.options.Source`: ``tag``, ``adapter_config``,
+            ``base_model``, ``lora_alpha``, ``use_rslora``, ``unsafe_pickle``.
 
     Raises:
         CheckpointError, AdapterConfigError, BaseModelError: what is missing or wrong, and where.
+        OptionError: an option's value is not accepted.
     """
-    where = resolve_tag(Path(checkpoint), tag)
+    run = checkpoint if isinstance(checkpoint, Source) else Source(checkpoint, **source)
+    with run.pickle_policy():
+        return inspect(run, resolve_tag(run.checkpoint, run.tag))
+
+
+def inspect(source: Source, where: Location) -> CheckpointInfo:
+    """:func:`inspect_checkpoint` of the tag ``where`` names."""
     folder, tag = where.folder, where.tag
     layout = read_layout(folder / tag)
     keys = read_adapter_keys(layout.trainable_shapes)
     adapter_name = _adapter_name(keys, layout, folder / tag)
-    adapter_path, lora, inferred = _lora_config(folder, adapter_config, keys, lora_alpha, use_rslora)
-    base = base_model or lora.get("base_model_name_or_path")
+    adapter_path, lora, inferred = _lora_config(folder, source, keys)
+    base = source.base_model or lora.get("base_model_name_or_path")
     if not base:
         raise BaseModelError(f"{adapter_path} names no base model (base_model_name_or_path); pass --base-model")
-    if base_model is None and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+    if source.base_model is None and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
         raise BaseModelError(f"the base model recorded in {adapter_path} ({base}) does not exist here; "
                              "pass --base-model with its current location")
     base = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
@@ -303,3 +258,31 @@ def inspect_checkpoint(
         inferred=inferred,
         warnings=_warnings(layout, folder) + base_warnings,
     )
+
+
+class Inspect(Stage[CheckpointInfo]):
+    """Stage 1 in a conversion: cheap, but keyed on the files it reads, so that a new save under the tag or
+    a changed adapter config redoes every stage after it.
+
+    Args:
+        source: The run and its options.
+        where: The tag to convert (:func:`resolve_tag`).
+    """
+
+    name = "inspect"
+    result_type = CheckpointInfo
+
+    def __init__(self, source: Source, where: Location):
+        self.source, self.where = source, where
+
+    def inputs(self) -> dict:
+        tag_dir = self.where.folder / self.where.tag
+        return {"checkpoint": str(self.where.folder), "tag": self.where.tag, "options": self.source.inference,
+                # the rank files by name, size and mtime: the later stages read them too
+                "files": files_stat([p for p in tag_dir.iterdir() if p.is_file()]),
+                "adapter_config": files_stat([p for p in adapter_config_candidates(self.where.folder,
+                                                                                   self.source.adapter_config)
+                                              if p.is_file()])}
+
+    def run(self) -> CheckpointInfo:
+        return inspect(self.source, self.where)

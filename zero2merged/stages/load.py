@@ -17,8 +17,40 @@ from zero2merged import names
 from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.progress import Progress
+from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
+from zero2merged.runner import Stage
 from zero2merged.safetensors_io import CHUNK_BYTES, Reader, Readers
-from zero2merged.stages.inspect import CheckpointInfo
+from zero2merged.stages.rebuild import Rebuild
+
+
+class Load(Stage[LoadResult]):
+    """Stage 4 in a conversion, run with rebuild and merge: it fills (in memory) or plans (streaming) the
+    model :class:`~zero2merged.stages.rebuild.Rebuild` built.
+
+    Args:
+        info: Stage 1's result.
+        rebuild: Stage 3, which holds the model.
+        consolidated: Stage 2's store.
+        ignore_base_mismatch: Use the checkpoint's frozen weights even where they differ from the base's.
+    """
+
+    name = "load"
+    result_type = LoadResult
+
+    def __init__(self, info: CheckpointInfo, rebuild: Rebuild, consolidated: Path, *, ignore_base_mismatch: bool):
+        self.info, self.rebuild, self.consolidated = info, rebuild, consolidated
+        self.ignore_base_mismatch = ignore_base_mismatch
+
+    def inputs(self) -> dict:
+        return {"ignore_base_mismatch": self.ignore_base_mismatch}
+
+    def run(self) -> LoadResult:
+        model, rebuilt = self.rebuild.model, self.rebuild.result
+        if self.rebuild.streaming:
+            return plan_sources(model, self.consolidated, self.info, rebuilt,
+                                ignore_base_mismatch=self.ignore_base_mismatch)
+        return load_weights(model, read_consolidated(self.consolidated), self.info,
+                            resized_vocab=rebuilt.resized_vocab, ignore_base_mismatch=self.ignore_base_mismatch)
 
 
 def read_consolidated(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -33,9 +65,9 @@ def load_weights(
     tensors: Iterable[tuple[str, torch.Tensor]],
     info: CheckpointInfo,
     *,
-    resized_vocab: dict | None = None,
+    resized_vocab: ResizedVocab | None = None,
     ignore_base_mismatch: bool = False,
-) -> dict:
+) -> LoadResult:
     """Stage 4 (in memory): copy the checkpoint's tensors into ``model`` (the wrapper from stage 3).
 
     Args:
@@ -43,8 +75,8 @@ def load_weights(
         tensors: ``(name, tensor)`` pairs: :func:`read_consolidated` of stage 2's file, or a
             :class:`~zero2merged.zero.ZeroReader`'s tensors straight from the checkpoint.
         info: Stage 1's result.
-        resized_vocab: Stage 3's record of a vocabulary resized to the checkpoint's (``from``, ``to``,
-            ``modules``): the base's values then exist only for the first ``from`` rows.
+        resized_vocab: Stage 3's record of a vocabulary resized to the checkpoint's: the base's values then
+            exist only for its first ``base_rows`` rows.
         ignore_base_mismatch: Use the checkpoint's frozen weights even where they differ from the base's.
 
     Returns:
@@ -77,20 +109,20 @@ def plan_sources(
     model,
     consolidated: Path,
     info: CheckpointInfo,
-    rebuilt: dict,
+    rebuilt: RebuildResult,
     *,
     ignore_base_mismatch: bool = False,
-) -> dict:
+) -> LoadResult:
     """Stage 4 (streaming): where every weight of ``model`` (the wrapper, on the meta device) comes from.
 
     The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
     compared with the base's a chunk at a time.
 
     Returns:
-        The accounting, plus ``sources``: wrapper key -> ``[file, name in that file]``.
+        The accounting, with ``sources``: wrapper key -> ``[file, name in that file]``.
     """
     state = model.state_dict(keep_vars=True)
-    resized = _resized_keys(state, rebuilt["resized_vocab"])
+    resized = _resized_keys(state, rebuilt.resized_vocab)
     readers = Readers()
     saved = readers[str(consolidated)]
     base = base_weights(info.base_model)
@@ -111,13 +143,14 @@ def plan_sources(
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
-    accounting, from_base = _account(state, list(sources), info, rebuilt["resized_vocab"], mismatched,
+    accounting, from_base = _account(state, list(sources), info, rebuilt.resized_vocab, mismatched,
                                      ignore_base_mismatch)
     for key in from_base:
         where = _in_base(key, rebuilt, base)
         if where is not None and (key not in resized or ".original_module." not in key):
             sources[key] = where
-    return {**accounting, "sources": sources}
+    accounting.sources = sources
+    return accounting
 
 
 def _place(state: dict, key: str, shape: list[int]) -> torch.Tensor:
@@ -169,16 +202,16 @@ def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: 
     return worst
 
 
-def _in_base(key: str, rebuilt: dict, base: dict[str, str]) -> list[str] | None:
+def _in_base(key: str, rebuilt: RebuildResult, base: dict[str, str]) -> list[str] | None:
     """``[file, name]`` of a wrapper key in the base's weight files (a tied weight is saved under one name)."""
-    for name in rebuilt["base_keys"].get(key, []):
+    for name in rebuilt.base_keys.get(key, []):
         if name in base:
             return [base[name], name]
     return None
 
 
-def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: dict | None,
-             mismatched: list[tuple[str, float]], ignore_base_mismatch: bool) -> tuple[dict, list[str]]:
+def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: ResizedVocab | None,
+             mismatched: list[tuple[str, float]], ignore_base_mismatch: bool) -> tuple[LoadResult, list[str]]:
     """The checks both load variants end with; returns their accounting and the keys left to the base."""
     frozen = info.layout.frozen
     if mismatched and not ignore_base_mismatch:
@@ -200,23 +233,22 @@ def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: 
     unsaved = [k for k in from_base if k in resized and ".original_module." not in k]
     if unsaved:
         raise CheckpointError(
-            f"the vocabulary was grown from {resized_vocab['from']} to {resized_vocab['to']} tokens before training, "
+            f"the vocabulary was grown from {resized_vocab.base_rows} to {resized_vocab.rows} tokens before training, "
             f"but the checkpoint holds no values for the new rows of {unsaved[0]} (frozen params were not saved and "
             "the embeddings are not in modules_to_save): the trained model cannot be reproduced"
         )
-    return {
-        "from_checkpoint": len(keys),
-        "resized_vocab": resized_vocab,
-        "from_base": len(from_base),
-        "frozen_checked": len([k for k in keys if k in frozen]),
-        "frozen_mismatched": [name for name, _ in mismatched],
-    }, from_base
+    return LoadResult(
+        from_checkpoint=len(keys),
+        from_base=len(from_base),
+        frozen_checked=len([k for k in keys if k in frozen]),
+        frozen_mismatched=[name for name, _ in mismatched],
+    ), from_base
 
 
-def _resized_keys(state: dict, resized_vocab: dict | None) -> dict[str, int]:
+def _resized_keys(state: dict, resized_vocab: ResizedVocab | None) -> dict[str, int]:
     """Keys of the resized embedding modules, each with the number of rows the base really had."""
     if not resized_vocab:
         return {}
-    prefixes = tuple(f"{names.PEFT_PREFIX}{module}." for module in resized_vocab["modules"])
-    return {k: resized_vocab["from"] for k, t in state.items()
-            if k.startswith(prefixes) and t.dim() > 0 and t.shape[0] == resized_vocab["to"]}
+    prefixes = tuple(f"{names.PEFT_PREFIX}{module}." for module in resized_vocab.modules)
+    return {k: resized_vocab.base_rows for k, t in state.items()
+            if k.startswith(prefixes) and t.dim() > 0 and t.shape[0] == resized_vocab.rows}

@@ -6,6 +6,9 @@ keys training saved; the stage checks that they are, before any weight is loaded
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from zero2merged.basemodel import (
     auto_class_name,
     base_config,
@@ -17,7 +20,40 @@ from zero2merged.basemodel import (
     meta_model,
 )
 from zero2merged.errors import AdapterConfigError, BaseModelError
-from zero2merged.stages.inspect import CheckpointInfo
+from zero2merged.manifest import files_stat
+from zero2merged.modelfiles import files_in
+from zero2merged.results import CheckpointInfo, RebuildResult, ResizedVocab
+from zero2merged.runner import Stage
+
+
+class Rebuild(Stage[RebuildResult]):
+    """Stage 3 in a conversion, the first of the three that share a model in memory (rebuild, load,
+    merge: run or skipped together). Its model (:attr:`model`) is the one load fills and merge merges.
+
+    Args:
+        info: Stage 1's result.
+        streaming: Build on the meta device (no weights), for the streaming merge.
+    """
+
+    name = "rebuild"
+    result_type = RebuildResult
+
+    def __init__(self, info: CheckpointInfo, *, streaming: bool):
+        self.info, self.streaming = info, streaming
+        self.model: Any = None
+
+    def inputs(self) -> dict:
+        return {"base": base_fingerprint(self.info.base_model), "streaming": self.streaming}
+
+    def run(self) -> RebuildResult:
+        self.model, result = rebuild(self.info, on_meta=self.streaming)
+        return result
+
+
+def base_fingerprint(base: str) -> Any:
+    """A base model folder by its files' names, sizes and mtimes (a hub id by itself)."""
+    path = Path(base)
+    return files_stat(files_in(path)) if path.is_dir() else base
 
 
 def lora_config(info: CheckpointInfo):
@@ -30,7 +66,7 @@ def lora_config(info: CheckpointInfo):
         raise AdapterConfigError(f"PEFT cannot build a LoraConfig from {info.adapter_config_path}: {e}") from e
 
 
-def rebuild(info: CheckpointInfo, *, on_meta: bool = False):
+def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, RebuildResult]:
     """Stage 3: build the base model in fp32 and wrap it with PEFT; check the wrapper has the saved keys.
 
     Args:
@@ -38,8 +74,8 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False):
         on_meta: Build on the meta device (no weights: the streaming path materializes one layer at a time).
 
     Returns:
-        ``(peft_model, record)``; the record names the classes and dtypes used, and for each wrapper key
-        that is a base param, the base's own name for it (``base_keys``).
+        ``(peft_model, result)``; the result names the classes and dtypes used, and for each wrapper key
+        that is a base param, the base's own names for it (``base_keys``).
 
     Raises:
         BaseModelError: the base cannot be loaded.
@@ -61,17 +97,16 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False):
                              f"{info.base_model} ({first_line(e).rstrip('.')}); is --base-model the model this run trained?") from e
     _check_against_checkpoint(model, info)
     base_keys = {key: names_in_base[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in names_in_base}
-    record = {
-        "auto_class": auto_name,
-        "model_class": type(base).__name__,
-        "peft_class": type(model).__name__,
-        "base_model": info.base_model,
-        "base_dtype": base_dtype(base_cfg),
-        "lora": {key: info.lora_config.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")},
-        "resized_vocab": resized,
-        "base_keys": base_keys,
-    }
-    return model, record
+    return model, RebuildResult(
+        auto_class=auto_name,
+        model_class=type(base).__name__,
+        peft_class=type(model).__name__,
+        base_model=info.base_model,
+        base_dtype=base_dtype(base_cfg),
+        lora={key: info.lora_config.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")},
+        resized_vocab=resized,
+        base_keys=base_keys,
+    )
 
 
 def _names_by_object(model) -> dict[int, list[str]]:
@@ -83,11 +118,11 @@ def _names_by_object(model) -> dict[int, list[str]]:
     return found
 
 
-def resize_to_checkpoint(base, info: CheckpointInfo) -> dict | None:
+def resize_to_checkpoint(base, info: CheckpointInfo) -> ResizedVocab | None:
     """Grow (or shrink) the base's vocabulary to the size training used, as the run did before training.
 
-    Returns ``{"from", "to", "modules"}`` when resized. The new rows are placeholders here: load takes
-    their values from the checkpoint, and refuses to go on if the checkpoint did not save them.
+    Returns what was resized, if anything. The new rows are placeholders here: load takes their values
+    from the checkpoint, and refuses to go on if the checkpoint did not save them.
     """
     modules = embedding_modules(base)
     if not modules:
@@ -101,7 +136,7 @@ def resize_to_checkpoint(base, info: CheckpointInfo) -> dict | None:
         raise BaseModelError(f"the checkpoint's embeddings disagree on the vocabulary size ({sorted(rows)})")
     target = rows.pop()
     base.resize_token_embeddings(target, mean_resizing=False)
-    return {"from": current, "to": target, "modules": modules}
+    return ResizedVocab(base_rows=current, rows=target, modules=modules)
 
 
 def _check_against_checkpoint(model, info: CheckpointInfo) -> None:

@@ -21,15 +21,74 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from zero2merged import names
+from zero2merged import modelcard, names
 from zero2merged.basemodel import load_base, saved_dtypes
-from zero2merged.errors import VerificationError
+from zero2merged.dtypes import TORCH_DTYPES
+from zero2merged.errors import OutputError, VerificationError
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs
+from zero2merged.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult
+from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
+from zero2merged.stages.rebuild import base_fingerprint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class Save(Stage[SaveResult]):
+    """Stage 6 in a conversion: its outputs are the output folder's files (a rerun redoes it if any changed).
+
+    Args:
+        info: Stage 1's result.
+        rebuilt: Stage 3's result (the Auto class that loads the output).
+        merged: Stage 5's result (its parity, for the model card).
+        work_dir: Holds stage 5's ``merged/``.
+        output: The output folder (absent or empty).
+        dtype: The output dtype's short name.
+        max_shard_size: The largest shard, in bytes (in memory: ``save_pretrained`` shards here).
+        streaming: Stage 5 wrote the output's files already; otherwise they are written, reloaded and checked here.
+    """
+
+    name = "save"
+    result_type = SaveResult
+
+    def __init__(self, info: CheckpointInfo, rebuilt: RebuildResult, merged: MergeResult, work_dir: Path,
+                 output: Path, *, dtype: str, max_shard_size: int, streaming: bool):
+        self.info, self.rebuilt, self.merged, self.work_dir, self.output = info, rebuilt, merged, work_dir, output
+        self.dtype, self.max_shard_size, self.streaming = dtype, max_shard_size, streaming
+        self.tokenizer_sources = [info.checkpoint, info.base_model]  # the run's own tokenizer first
+
+    def inputs(self) -> dict:
+        return {"output": str(self.output), "dtype": self.dtype, "max_shard_size": self.max_shard_size,
+                "tolerance": None if self.streaming else SAVE_TOLERANCES[self.dtype].to_dict(),
+                "tokenizer": [base_fingerprint(str(source)) for source in self.tokenizer_sources]}
+
+    def root(self, work_dir: Path) -> Path:
+        return self.output
+
+    def outputs(self) -> list[Path]:
+        return files_in(self.output)
+
+    def scratch(self) -> list[Path]:
+        return [partial_path(self.output)]
+
+    def run(self) -> SaveResult:
+        check_output_free(self.output)
+
+        def card(save_parity: Parity | None) -> str:
+            return modelcard.render(self.info, dtype=self.dtype, merged=self.merged, save_parity=save_parity)
+
+        if self.streaming:
+            return publish(self.work_dir, self.output, auto_class=self.rebuilt.auto_class, dtype=self.dtype,
+                           tokenizer_sources=self.tokenizer_sources, card=card)
+        return save(self.work_dir, self.output, auto_class=self.rebuilt.auto_class, dtype=self.dtype,
+                    max_shard_size=self.max_shard_size, tokenizer_sources=self.tokenizer_sources, card=card)
+
+
+def check_output_free(output: Path) -> None:
+    """Raise unless ``output`` is absent or an empty folder: an output is never overwritten."""
+    if output.is_dir() and any(output.iterdir()):
+        raise OutputError(f"the output {output} is not empty (never overwritten); choose a new --output or empty it")
 
 
 def partial_path(output: Path) -> Path:
@@ -43,11 +102,11 @@ def save(
     *,
     auto_class: str,
     dtype: str,
-    max_shard_size: str | int,
+    max_shard_size: int,
     tokenizer_sources: list[Path | str],
-    card: Callable[[dict | None], str],
-) -> dict:
-    """Stage 6: write the merged model to ``output`` in ``dtype``; verify; move into place.
+    card: Callable[[Parity | None], str],
+) -> SaveResult:
+    """Stage 6 (in memory): write the merged model to ``output`` in ``dtype``; verify; move into place.
 
     Args:
         work_dir: Holds stage 5's ``merged/`` and ``probes.safetensors``.
@@ -59,12 +118,12 @@ def save(
         card: The model card's text, given this stage's parity figures.
 
     Returns:
-        Metrics: files, bytes, and parity of the saved model with the fp32 merge.
+        What was written, with the parity of the saved model with the fp32 merge.
 
     Raises:
         VerificationError: the reloaded model differs from what was written or from the merge.
     """
-    model = load_base(auto_class, str(work_dir / names.MERGED), DTYPES[dtype])
+    model = load_base(auto_class, str(work_dir / names.MERGED), TORCH_DTYPES[dtype])
     staged = fresh_dir(partial_path(output))
     model.save_pretrained(staged, max_shard_size=max_shard_size)
     tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
@@ -72,19 +131,12 @@ def save(
     probes = load_file(work_dir / names.PROBES)
     reference = probes.pop("merged")
     probes.pop("unmerged")
-    parity = _verify(staged, model, auto_class, DTYPES[dtype], probes, reference)
+    parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference)
     parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
-    (staged / names.MODEL_CARD).write_text(card(parity.to_dict()))
+    (staged / names.MODEL_CARD).write_text(card(parity))
 
     replace_dir(staged, output)
-    files = files_in(output)
-    return {
-        "dtype": dtype,
-        "files": len(files),
-        "bytes": sum(f.stat().st_size for f in files),
-        "tokenizer_from": tokenizer_from,
-        "parity": parity.to_dict(),
-    }
+    return _written(output, dtype, tokenizer_from, parity)
 
 
 def publish(
@@ -94,8 +146,8 @@ def publish(
     auto_class: str,
     dtype: str,
     tokenizer_sources: list[Path | str],
-    card: Callable[[dict | None], str],
-) -> dict:
+    card: Callable[[Parity | None], str],
+) -> SaveResult:
     """Stage 6 (streaming): put the model files stage 5 wrote in place, with the tokenizer, verified.
 
     The files are hard-linked from ``merged/`` (copied across filesystems), so publishing costs no I/O.
@@ -104,7 +156,7 @@ def publish(
     every one where the index says. Stage 5 already checked each merged layer's outputs and wrote the bytes.
 
     Returns:
-        Metrics: files, bytes, where the tokenizer came from.
+        What was written, and where the tokenizer came from.
 
     Raises:
         VerificationError: the files do not describe a model the Auto class loads without complaint.
@@ -113,12 +165,16 @@ def publish(
     for file in files_in(work_dir / names.MERGED):
         _link_or_copy(file, staged / file.name)
     tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
-    _verify_structure(staged, auto_class, DTYPES[dtype])
+    _check_structure(staged, auto_class, TORCH_DTYPES[dtype])
     (staged / names.MODEL_CARD).write_text(card(None))
     replace_dir(staged, output)
+    return _written(output, dtype, tokenizer_from, None)
+
+
+def _written(output: Path, dtype: str, tokenizer_from: str | None, parity: Parity | None) -> SaveResult:
     files = files_in(output)
-    return {"dtype": dtype, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "tokenizer_from": tokenizer_from}
+    return SaveResult(output=str(output), dtype=dtype, files=len(files), bytes=sum(f.stat().st_size for f in files),
+                      tokenizer_from=tokenizer_from, parity=parity)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -128,7 +184,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _verify_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
+def _check_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
     import transformers
 
     try:
@@ -164,7 +220,8 @@ def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
     return None
 
 
-def _verify(staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict, reference: torch.Tensor):
+def _check_reload(staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict,
+                  reference: torch.Tensor) -> Parity:
     """Reload with the plain Auto class: no key missing or unexpected, every tensor identical, ties kept."""
     import transformers
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,29 +16,26 @@ from zero2merged.basemodel import (
     first_line,
     load_base,
 )
-from zero2merged.errors import (
-    AdapterConfigError,
-    BaseModelError,
-    OutputError,
-    VerificationError,
-)
+from zero2merged.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError
+from zero2merged.options import Source
 from zero2merged.parity import SAVE_TOLERANCES, compare, outputs, probe_inputs
-from zero2merged.stages.inspect import CheckpointInfo, inspect_checkpoint
+from zero2merged.results import CheckpointInfo, RebuildResult
+from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.load import load_weights
 from zero2merged.stages.rebuild import rebuild
 from zero2merged.zero import ZeroReader
 
 
-def unmerged_model(info: CheckpointInfo):
+def unmerged_model(info: CheckpointInfo) -> tuple[Any, RebuildResult]:
     """The model as training left it: the base wrapped by PEFT, holding the checkpoint's weights (fp32
     masters) read straight from the rank files, with no work directory.
 
     Returns:
-        ``(peft_model, rebuild_record)``.
+        ``(peft_model, rebuild's result)``.
     """
     model, rebuilt = rebuild(info)
     tensors = ZeroReader(info.tag_dir, info.layout).tensors()
-    load_weights(model, tensors, info, resized_vocab=rebuilt["resized_vocab"])
+    load_weights(model, tensors, info, resized_vocab=rebuilt.resized_vocab)
     return model, rebuilt
 
 
@@ -63,12 +61,8 @@ def verify(
     checkpoint: Path | str | None = None,
     *,
     adapter: Path | str | None = None,
-    base_model: str | None = None,
-    tag: str | None = None,
-    adapter_config: Path | str | None = None,
-    lora_alpha: float | None = None,
-    use_rslora: bool = False,
     prompts: Path | str | None = None,
+    **source: Any,
 ) -> VerifyReport:
     """Compare a merged model's outputs with the unmerged model's.
 
@@ -77,6 +71,15 @@ def verify(
     lines of a ``prompts`` text file tokenized with the base's tokenizer. The tolerance is the one for the
     merged model's stored dtype. The merged model may come from anywhere (zero2merged or a manual recipe).
 
+    Args:
+        merged: The merged model's folder.
+        checkpoint: The DeepSpeed checkpoint it was made from; or
+        adapter: a PEFT adapter folder, with ``base_model``.
+        prompts: A text file, one prompt per line [default: seeded random token ids].
+        **source: With ``checkpoint``, the rest of :class:`~zero2merged.options.Source` (``base_model``,
+            ``tag``, ``adapter_config``, ``lora_alpha``, ``use_rslora``, ``unsafe_pickle``); with
+            ``adapter``, ``base_model``.
+
     Returns:
         The report; ``passed`` says whether the parity is within tolerance.
 
@@ -84,18 +87,20 @@ def verify(
         Zero2MergedError: the inputs cannot be read, or neither (or both) of checkpoint and adapter given.
     """
     if (checkpoint is None) == (adapter is None):
-        raise OutputError("give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
+        raise OptionError("give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
                           "(--checkpoint or --adapter), one of them")
     if checkpoint is not None:
-        info = inspect_checkpoint(checkpoint, tag=tag, adapter_config=adapter_config, base_model=base_model,
-                                  lora_alpha=lora_alpha, use_rslora=use_rslora)
-        unmerged, rebuilt = unmerged_model(info)
-        auto_class, base, source, tag = rebuilt["auto_class"], info.base_model, info.checkpoint, info.tag
+        run = Source(checkpoint, **source)
+        with run.pickle_policy():
+            info = inspect_checkpoint(run)
+            unmerged, rebuilt = unmerged_model(info)
+        auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
     else:
-        if base_model is None:
-            raise OutputError("--adapter needs --base-model: the model the adapter was trained on")
-        unmerged, auto_class = _adapter_model(Path(adapter), base_model)
-        base, source, tag = base_model, str(Path(adapter).resolve()), None
+        base = source.get("base_model")
+        if base is None:
+            raise OptionError("--adapter needs --base-model: the model the adapter was trained on")
+        unmerged, auto_class = _adapter_model(Path(adapter), base)
+        origin, tag = str(Path(adapter).resolve()), None
     merged_dtype = base_dtype(base_config(str(merged)))
     merged_model = load_base(auto_class, str(merged), torch.float32)
     if prompts is None:
@@ -110,7 +115,7 @@ def verify(
         passed = True
     except VerificationError:
         passed = False
-    return VerifyReport(merged=str(Path(merged).resolve()), source=source, tag=tag, merged_dtype=merged_dtype,
+    return VerifyReport(merged=str(Path(merged).resolve()), source=origin, tag=tag, merged_dtype=merged_dtype,
                         inputs=described, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
 
 
@@ -137,7 +142,7 @@ def prompt_inputs(path: Path, base_model: str, config) -> dict:
 
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
-        raise OutputError(f"{path} holds no prompts (one per line)")
+        raise OptionError(f"{path} holds no prompts (one per line)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
     except (OSError, ValueError) as e:
