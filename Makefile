@@ -1,7 +1,7 @@
-# zero2merged: make install | test | test-fast | demo | bench | clean
+# zero2merged: make install | test | test-fast | lint | format | demo | bench | clean
 PYTHON ?= python3
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 # torch first, pinned to the CPU build: an unpinned torch (asked for by deepspeed or peft) would pull a
 # multi-GB CUDA build on a machine that has none.
@@ -9,12 +9,21 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
-# Everything, the slow tests that train and convert real DeepSpeed checkpoints included.
-test: install
+# Everything: the lint and format checks, then the tests, the slow ones that train and convert real
+# DeepSpeed checkpoints included.
+test: install lint
 	$(PYTHON) -m pytest
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 # Train a tiny LoRA model with DeepSpeed ZeRO-3 on 2 CPU ranks (HF Trainer), convert it, verify parity.
 demo: install

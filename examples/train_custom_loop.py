@@ -30,16 +30,18 @@ def main() -> None:
     deepspeed.init_distributed()
     model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
     torch.manual_seed(0)  # every rank starts from the same LoRA matrices
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+    )
     generator = torch.Generator().manual_seed(dist.get_rank())  # synthetic batches: put yours here
     vocab = model.config.vocab_size
     for _ in range(args.steps):

@@ -27,8 +27,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
 
     generator = torch.Generator().manual_seed(0)  # a synthetic dataset: put yours here
     rows = torch.randint(4, min(len(tokenizer), 32000), (64, 32), generator=generator)
@@ -41,9 +42,16 @@ def main() -> None:
         "bf16": {"enabled": "auto"},
     }
     training = TrainingArguments(
-        output_dir=args.output_dir, deepspeed=deepspeed_config, bf16=True, use_cpu=args.cpu,
-        per_device_train_batch_size=2, max_steps=args.steps, learning_rate=1e-3, save_strategy="no",
-        report_to=[], disable_tqdm=True,
+        output_dir=args.output_dir,
+        deepspeed=deepspeed_config,
+        bf16=True,
+        use_cpu=args.cpu,
+        per_device_train_batch_size=2,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
     )
     merge = MergeOnTrainEnd(f"{args.output_dir}/merged")  # the last step is saved, then converted
     trainer = Trainer(model=model, args=training, train_dataset=dataset, callbacks=[merge])

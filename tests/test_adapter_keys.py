@@ -16,8 +16,15 @@ def _trainable(lora: dict, adapter: str = "default") -> dict[str, list[int]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+    )
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(**lora), adapter_name=adapter)
     return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}

@@ -100,11 +100,30 @@ def test_convert_then_verify_pass_and_fail(trained, tmp_path):
     assert _run("export-adapter", fixture.checkpoint, "-o", tmp_path / "adapter").exit_code == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("t1 t2 t3 t4\n\nt9 t8 t7\nt5 t5 t5 t5 t5 t5\n")
-    with_adapter = _run("verify", tmp_path / "merged", "--adapter", tmp_path / "adapter", "--base-model",
-                        fixture.base, "--prompts", prompts)
+    with_adapter = _run(
+        "verify",
+        tmp_path / "merged",
+        "--adapter",
+        tmp_path / "adapter",
+        "--base-model",
+        fixture.base,
+        "--prompts",
+        prompts,
+    )
     assert with_adapter.exit_code == 0, with_adapter.output
     assert with_adapter.stdout.startswith("PASS: ") and "on 3 prompts from" in with_adapter.stdout
-    assert _run("verify", fixture.base, "--adapter", tmp_path / "adapter", "--base-model", fixture.base,
-                "--prompts", prompts).exit_code == 1
+    assert (
+        _run(
+            "verify",
+            fixture.base,
+            "--adapter",
+            tmp_path / "adapter",
+            "--base-model",
+            fixture.base,
+            "--prompts",
+            prompts,
+        ).exit_code
+        == 1
+    )
     neither = _run("verify", tmp_path / "merged")
     assert neither.exit_code == 2 and "--checkpoint or --adapter" in neither.stderr

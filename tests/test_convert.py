@@ -73,8 +73,11 @@ def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name)
     # The adapter really moved weights, so a conversion that dropped it would fail above: by more than 0.05 of
     # some tensor's largest magnitude, 12 bf16 rounding steps (2^-8 each); measured 0.33 to 4.5 on the fixtures.
     base = base_state(fixture)
-    moved = max(((reference[k] - t).abs().max() / t.abs().max()).item()
-                for k, t in base.items() if k in reference and reference[k].shape == t.shape and t.is_floating_point())
+    moved = max(
+        ((reference[k] - t).abs().max() / t.abs().max()).item()
+        for k, t in base.items()
+        if k in reference and reference[k].shape == t.shape and t.is_floating_point()
+    )
     assert moved > 0.05
     # Each layer merged vs unmerged, both fp32: outputs ~1e-6 apart, so no top-1 feature of a probe row can flip
     # unless two of them lie that close (a chance of about 1e-6 per row).

@@ -56,6 +56,7 @@ def _tag_dir(run: Path) -> Path:
 
 # --- bad input -----------------------------------------------------------------------------------------
 
+
 def _resave(path: Path, change) -> None:
     """Rewrite a rank file after ``change(state)`` (the test's own torch.save: a real, loadable file)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -81,6 +82,7 @@ def _adapter_config(**changes):
         path = run / "adapter_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
         return []
+
     return change
 
 
@@ -89,6 +91,7 @@ def _nan_master(trained, tmp_path, run):
 
     def poison(state):
         state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0].data[0] = float("nan")
+
     _resave(optim, poison)
     return []
 
@@ -154,8 +157,10 @@ BAD_INPUTS = {
     "base of another architecture": (_other_base, "PEFT cannot apply the run's LoRA config to GPT2LMHeadModel"),
     "base with other weights": (_perturbed_base, "model.layers.1.mlp.down_proj.weight, max abs diff 0.25"),
     "adapter config with another r": (_adapter_config(r=4), "is [8, 64] in the checkpoint but [4, 64] with this"),
-    "adapter config with other targets": (_adapter_config(target_modules=["k_proj", "o_proj"]),
-                                          "adapter_config.json does not match the checkpoint"),
+    "adapter config with other targets": (
+        _adapter_config(target_modules=["k_proj", "o_proj"]),
+        "adapter_config.json does not match the checkpoint",
+    ),
     "NaN in a trained weight": (_nan_master, "holds NaN or inf"),
     "base that needs its own code": (_custom_code_base, "never runs code from a model folder"),
     "output inside the checkpoint": (_output_inside_input, "overlaps the checkpoint"),
@@ -174,8 +179,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(trained, tmp_path, run_
     assert result.exit_code == 2, result.output
     assert lines[-1].startswith("error: ") and says in lines[-1], lines[-1]
     assert not any(line.startswith("error") for line in lines[:-1]) and "Traceback" not in result.output
-    assert [p.name for p in output.iterdir()] == (["mine.txt"] if case == "output not empty" else []) \
-        if output.exists() else True
+    assert (
+        [p.name for p in output.iterdir()] == (["mine.txt"] if case == "output not empty" else [])
+        if output.exists()
+        else True
+    )
     assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.rglob(".merged.tmp"))
     work = tmp_path / "out.zero2merged-work"
     if work.exists():  # kept only for the stages that finished, so the corrected rerun starts after them
@@ -190,6 +198,7 @@ def test_nan_names_the_tensor(trained, tmp_path, run_copy):
 
 
 # --- untrusted pickles ---------------------------------------------------------------------------------
+
 
 class _RunsACommand:
     def __init__(self, marker):
@@ -250,17 +259,25 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("point,resumes_after", [("consolidate", ["inspect"]),
-                                                 ("merge", ["inspect", "consolidate"]),
-                                                 ("save", ["inspect", "consolidate", "rebuild", "load", "merge"])])
-def test_killed_run_leaves_no_model_and_resumes_to_the_same_bytes(trained, tmp_path, reference, point,
-                                                                   resumes_after):
+@pytest.mark.parametrize(
+    "point,resumes_after",
+    [
+        ("consolidate", ["inspect"]),
+        ("merge", ["inspect", "consolidate"]),
+        ("save", ["inspect", "consolidate", "rebuild", "load", "merge"]),
+    ],
+)
+def test_killed_run_leaves_no_model_and_resumes_to_the_same_bytes(trained, tmp_path, reference, point, resumes_after):
     fixture = trained(FIXTURE)
     output = tmp_path / "merged"
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    done = subprocess.run([sys.executable, str(script), str(fixture.checkpoint), str(output), point],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(
+        [sys.executable, str(script), str(fixture.checkpoint), str(output), point],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert not output.exists()  # never a model that looks complete but is not
 
@@ -271,6 +288,7 @@ def test_killed_run_leaves_no_model_and_resumes_to_the_same_bytes(trained, tmp_p
 
 
 # --- a full disk ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("when", ["writing", "flushing"])
 def test_full_disk_stops_cleanly_and_keeps_earlier_stages(trained, tmp_path, reference, monkeypatch, when):
@@ -318,6 +336,7 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_stages(trained, tmp_path, ref
 
 
 # --- the same input, the same bytes --------------------------------------------------------------------
+
 
 def test_same_input_gives_byte_identical_files(trained, tmp_path, reference):
     zero2merged.convert(trained(FIXTURE).checkpoint, tmp_path / "again", max_shard_size="60KB")

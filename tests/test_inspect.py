@@ -99,7 +99,9 @@ def test_missing_adapter_config_and_how_to_pass_it(trained, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(BaseModelError, match="pass --base-model"):
         inspect_checkpoint(fixture.checkpoint, adapter_config=tmp_path)
-    info = inspect_checkpoint(fixture.checkpoint, adapter_config=tmp_path / "adapter_config.json", base_model=str(fixture.base))
+    info = inspect_checkpoint(
+        fixture.checkpoint, adapter_config=tmp_path / "adapter_config.json", base_model=str(fixture.base)
+    )
     assert info.base_model == str(fixture.base.resolve())
 
 

@@ -20,8 +20,17 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
     port = free_port()
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-               str(EXAMPLES / script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(EXAMPLES / script),
+        *args,
+    ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -29,8 +38,9 @@ def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
         remove_shm_buffers(port)
 
 
-@pytest.mark.parametrize("script,checkpoint", [("train_with_trainer.py", "checkpoint-3"),
-                                               ("train_custom_loop.py", "checkpoint")])
+@pytest.mark.parametrize(
+    "script,checkpoint", [("train_with_trainer.py", "checkpoint-3"), ("train_custom_loop.py", "checkpoint")]
+)
 def test_training_script_ends_with_a_verified_merged_model(trained, tmp_path, script, checkpoint):
     base = trained("engine-z3-bf16").base  # a tiny Llama with its tokenizer
     extra = ["--cpu"] if script == "train_with_trainer.py" else []

@@ -112,7 +112,9 @@ def test_grown_vocabulary_without_the_new_rows_is_refused(trained):
 
     fixture = trained("embedding-lora-z3")
     info = inspect_checkpoint(fixture.checkpoint)
-    grown = {k: [s[0], VOCAB_SIZE + 8] if "lora_embedding_A" in k else s for k, s in info.layout.trainable_shapes.items()}
+    grown = {
+        k: [s[0], VOCAB_SIZE + 8] if "lora_embedding_A" in k else s for k, s in info.layout.trainable_shapes.items()
+    }
     info.layout = ZeroLayout(**{**vars(info.layout), "trainable": [grown], "frozen": {}, "frozen_source": None})
     model, rebuilt = rebuild(info)
     assert rebuilt.resized_vocab.rows == VOCAB_SIZE + 8
@@ -144,7 +146,14 @@ def test_seq2seq_model_keeps_its_shared_embeddings(trained, tmp_path):
     assert model.encoder.embed_tokens.weight.data_ptr() == shared == model.lm_head.weight.data_ptr()
 
 
-INFERABLE = ["engine-z2-bf16", "dora-z2", "embedding-lora-z3", "resized-vocab-engine-z2", "gpt2-tied-z3", "all-linear-z2"]
+INFERABLE = [
+    "engine-z2-bf16",
+    "dora-z2",
+    "embedding-lora-z3",
+    "resized-vocab-engine-z2",
+    "gpt2-tied-z3",
+    "all-linear-z2",
+]
 
 
 @pytest.mark.parametrize("name", INFERABLE)

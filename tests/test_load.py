@@ -14,7 +14,7 @@ from zero2merged.stages.load import _difference
 def test_frozen_weights_are_compared_by_value(dtype, size, offset):
     stored = torch.linspace(-1, 1, 16).to(dtype)
     stored[offset + 2] = 0.0
-    saved = stored[offset: offset + size]
+    saved = stored[offset : offset + size]
     base = saved.float().clone()
     assert _difference(saved, base) is None  # equal once cast to the dtype saved
     base[2] = -0.0

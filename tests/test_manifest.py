@@ -16,7 +16,9 @@ def _recorded(tmp_path):
     artifact = tmp_path / "artifact.bin"
     artifact.write_bytes(b"weights")
     manifest = Manifest(tmp_path / "manifest.json")
-    manifest.put("consolidate", {"status": "done", "fingerprint": "fp", "outputs": manifest.describe(tmp_path, [artifact])})
+    manifest.put(
+        "consolidate", {"status": "done", "fingerprint": "fp", "outputs": manifest.describe(tmp_path, [artifact])}
+    )
     return artifact
 
 

@@ -9,8 +9,10 @@ from zero2merged.errors import OptionError
 from zero2merged.options import ConvertOptions, Source, Tuning, convert_options, field_names, parse_size
 
 
-@pytest.mark.parametrize("size,expected", [("5GB", 5 * 10**9), ("100KB", 100_000), (" 2.5MB", 2_500_000),
-                                           ("1tb", 10**12), (1234, 1234), ("1234", 1234)])
+@pytest.mark.parametrize(
+    "size,expected",
+    [("5GB", 5 * 10**9), ("100KB", 100_000), (" 2.5MB", 2_500_000), ("1tb", 10**12), (1234, 1234), ("1234", 1234)],
+)
 def test_sizes_are_read_as_save_pretrained_reads_them(size, expected):
     assert parse_size(size) == expected
 
@@ -21,14 +23,17 @@ def test_a_size_that_is_not_one_is_refused_in_one_line(size):
         parse_size(size)
 
 
-@pytest.mark.parametrize("options,says", [
-    ({"dtype": "int8"}, "--dtype must be auto, fp32, bf16, fp16"),
-    ({"workers": 0}, "--workers must be at least 1"),
-    ({"device": "mps"}, "only cpu and cuda"),
-    ({"device": "cuda:x"}, "only cpu and cuda"),
-    ({"in_memory": True, "workers": 2}, "apply to the streaming conversion"),
-    ({"max_shard_size": "big"}, "is not a size"),
-])
+@pytest.mark.parametrize(
+    "options,says",
+    [
+        ({"dtype": "int8"}, "--dtype must be auto, fp32, bf16, fp16"),
+        ({"workers": 0}, "--workers must be at least 1"),
+        ({"device": "mps"}, "only cpu and cuda"),
+        ({"device": "cuda:x"}, "only cpu and cuda"),
+        ({"in_memory": True, "workers": 2}, "apply to the streaming conversion"),
+        ({"max_shard_size": "big"}, "is not a size"),
+    ],
+)
 def test_bad_convert_options_are_refused(options, says):
     with pytest.raises(OptionError, match=says):
         ConvertOptions(**options)
@@ -56,13 +61,19 @@ def test_the_cli_options_are_the_records_fields():
     """What lets the CLI hand its options to the library as they are."""
     convert = {param.name for param in main.commands["convert"].params}
     assert convert - {"checkpoint", "output", "as_json"} == set(field_names(Source)[1:]) | (
-        set(field_names(ConvertOptions)) - {"tuning"})
+        set(field_names(ConvertOptions)) - {"tuning"}
+    )
     for command in ("inspect", "verify", "export-adapter"):
         assert set(field_names(Source)[1:]) <= {param.name for param in main.commands[command].params}
 
 
-@pytest.mark.parametrize("args,says", [(["--max-shard-size", "5XB"], "--max-shard-size '5XB' is not a size"),
-                                       (["--device", "mps"], "--device 'mps': only cpu and cuda[:N]")])
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--max-shard-size", "5XB"], "--max-shard-size '5XB' is not a size"),
+        (["--device", "mps"], "--device 'mps': only cpu and cuda[:N]"),
+    ],
+)
 def test_the_command_line_refuses_a_bad_value_in_one_line_before_any_work(tmp_path, args, says):
     from click.testing import CliRunner
 

@@ -54,8 +54,9 @@ def test_second_run_is_a_noop_and_force_redoes(trained, tmp_path):
     # it runs again (with rebuild and load, which share its model); in memory, only save casts.
     third = zero2merged.convert(fixture.checkpoint, tmp_path / "fp32", dtype="fp32", work_dir=first.work_dir)
     assert third.skipped == ["inspect", "consolidate"]
-    in_memory = zero2merged.convert(fixture.checkpoint, tmp_path / "fp32-mem", dtype="fp32", work_dir=first.work_dir,
-                                    in_memory=True)
+    in_memory = zero2merged.convert(
+        fixture.checkpoint, tmp_path / "fp32-mem", dtype="fp32", work_dir=first.work_dir, in_memory=True
+    )
     assert in_memory.skipped == ["inspect", "consolidate"]
     recast = zero2merged.convert(fixture.checkpoint, tmp_path / "bf16-mem", work_dir=first.work_dir, in_memory=True)
     assert recast.skipped == list(STAGES[:-1])
@@ -114,7 +115,8 @@ def test_second_run_on_a_busy_work_directory_stops(trained, tmp_path):
 def test_rank_zero_converts_and_every_rank_gets_the_report(trained, tmp_path):
     fixture = trained("engine-z3-bf16")
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, os, torch.distributed as dist, zero2merged
         dist.init_process_group("gloo")
         rank = dist.get_rank()
@@ -128,10 +130,24 @@ def test_rank_zero_converts_and_every_rank_gets_the_report(trained, tmp_path):
             json.dump({{"pid": os.getpid(), "output": report.output, "ran": [s.name for s in report.stages
                        if s.status == "ran"], "error": error}}, f)
         dist.destroy_process_group()
-    """))
+    """)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(free_port()), str(script)], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(script),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["output"] == ranks[1]["output"] == str(tmp_path / "merged")
     assert ranks[0]["ran"] == ranks[1]["ran"] == list(STAGES)

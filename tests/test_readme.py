@@ -21,7 +21,7 @@ def _command_lines() -> list[str]:
         for line in text.splitlines():
             line = line.split("  #")[0].strip().removeprefix("$ ")
             if line.startswith("zero2merged ") or (line.startswith("torchrun ") and "-m zero2merged " in line):
-                lines.append(line[line.index("zero2merged "):])
+                lines.append(line[line.index("zero2merged ") :])
     return lines
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from zero2merged import modelcard
+from zero2merged.errors import VerificationError
 from zero2merged.report import ConvertReport, StageReport, format_info
 from zero2merged.results import (
     CheckpointInfo,
@@ -22,37 +23,75 @@ from zero2merged.results import (
     ZeroLayout,
     human_size,
 )
-from zero2merged.errors import VerificationError
 
-LAYOUT = ZeroLayout(zero_stage=3, world_size=2, dtype="bf16", ds_version="0.19.8", global_step=6,
-                    trainable=[{"base_model.model.q.lora_A.default.weight": [8, 64],
-                                "base_model.model.q.lora_B.default.weight": [64, 8]}],
-                    frozen={"base_model.model.q.base_layer.weight": [64, 64]}, frozen_source="frozen_param_fragments",
-                    buffers={}, model_files=["m0.pt", "m1.pt"], optim_files=["o0.pt", "o1.pt"])
-INFO = CheckpointInfo(checkpoint="/runs/a/checkpoint-6", tag="global_step6", tags=["global_step3", "global_step6"],
-                      checkpoints=["checkpoint-3", "checkpoint-6"], layout=LAYOUT,
-                      adapter_config_path="/runs/a/checkpoint-6/adapter_config.json",
-                      lora_config={"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
-                      adapter_name="default", base_model="/models/base", features=["DoRA (magnitude vectors ...)"],
-                      warnings=["frozen params were not saved"])
+LAYOUT = ZeroLayout(
+    zero_stage=3,
+    world_size=2,
+    dtype="bf16",
+    ds_version="0.19.8",
+    global_step=6,
+    trainable=[
+        {"base_model.model.q.lora_A.default.weight": [8, 64], "base_model.model.q.lora_B.default.weight": [64, 8]}
+    ],
+    frozen={"base_model.model.q.base_layer.weight": [64, 64]},
+    frozen_source="frozen_param_fragments",
+    buffers={},
+    model_files=["m0.pt", "m1.pt"],
+    optim_files=["o0.pt", "o1.pt"],
+)
+INFO = CheckpointInfo(
+    checkpoint="/runs/a/checkpoint-6",
+    tag="global_step6",
+    tags=["global_step3", "global_step6"],
+    checkpoints=["checkpoint-3", "checkpoint-6"],
+    layout=LAYOUT,
+    adapter_config_path="/runs/a/checkpoint-6/adapter_config.json",
+    lora_config={"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    adapter_name="default",
+    base_model="/models/base",
+    features=["DoRA (magnitude vectors ...)"],
+    warnings=["frozen params were not saved"],
+)
 PARITY = Parity(max_abs_diff=7.15e-07, max_rel_diff=2e-7, top1_agreement=1.0, positions=16)
-REBUILT = RebuildResult(auto_class="AutoModelForCausalLM", model_class="LlamaForCausalLM", peft_class="PeftModel",
-                        base_model="/models/base", base_dtype="bf16", lora={"r": 8},
-                        resized_vocab=ResizedVocab(base_rows=256, rows=264, modules=["model.embed_tokens"]),
-                        base_keys={"base_model.model.q.base_layer.weight": ["q.weight"]})
+REBUILT = RebuildResult(
+    auto_class="AutoModelForCausalLM",
+    model_class="LlamaForCausalLM",
+    peft_class="PeftModel",
+    base_model="/models/base",
+    base_dtype="bf16",
+    lora={"r": 8},
+    resized_vocab=ResizedVocab(base_rows=256, rows=264, modules=["model.embed_tokens"]),
+    base_keys={"base_model.model.q.base_layer.weight": ["q.weight"]},
+)
 
 
 def _report(merged: MergeResult, saved: SaveResult) -> ConvertReport:
-    results = {"inspect": INFO, "consolidate": ConsolidateResult(2, 1, 1, 0, 15_500, 5000), "rebuild": REBUILT,
-               "load": LoadResult(2, 21, 1, [], sources={"k": ["f", "k"]}), "merge": merged, "save": saved}
-    stages = [StageReport(name, "ran" if name != "inspect" else "skipped", 0.25, result)
-              for name, result in results.items()]
-    return ConvertReport(checkpoint=INFO.checkpoint, tag=INFO.tag, output="/out/merged", work_dir="/out/work",
-                         dtype="bf16", stages=stages, warnings=INFO.warnings)
+    results = {
+        "inspect": INFO,
+        "consolidate": ConsolidateResult(2, 1, 1, 0, 15_500, 5000),
+        "rebuild": REBUILT,
+        "load": LoadResult(2, 21, 1, [], sources={"k": ["f", "k"]}),
+        "merge": merged,
+        "save": saved,
+    }
+    stages = [
+        StageReport(name, "ran" if name != "inspect" else "skipped", 0.25, result) for name, result in results.items()
+    ]
+    return ConvertReport(
+        checkpoint=INFO.checkpoint,
+        tag=INFO.tag,
+        output="/out/merged",
+        work_dir="/out/work",
+        dtype="bf16",
+        stages=stages,
+        warnings=INFO.warnings,
+    )
 
 
-STREAMED = (MergeResult(PARITY, layers=4, files=1, processes=1),
-            SaveResult("/out/merged", "bf16", 6, 224_600, "/models/base"))
+STREAMED = (
+    MergeResult(PARITY, layers=4, files=1, processes=1),
+    SaveResult("/out/merged", "bf16", 6, 224_600, "/models/base"),
+)
 IN_MEMORY = (MergeResult(PARITY), SaveResult("/out/merged", "bf16", 6, 224_600, None, Parity(0.01, 0.004, 0.99, 128)))
 
 
@@ -65,7 +104,9 @@ def test_summary_has_a_line_per_stage_and_the_parity_figures():
     assert lines[4].endswith("2 tensors from the checkpoint, 21 from the base")
     assert lines[5].endswith("4 LoRA layers merged one at a time, each checked")
     assert lines[6].endswith("6 files, 224.6 KB")
-    assert lines[7] == "  parity merged vs unmerged (each LoRA layer, fp32): max abs diff 7.15e-07, top-1 agreement 1.0000"
+    assert (
+        lines[7] == "  parity merged vs unmerged (each LoRA layer, fp32): max abs diff 7.15e-07, top-1 agreement 1.0000"
+    )
     assert lines[8] == "  note: frozen params were not saved"
     in_memory = _report(*IN_MEMORY).summary()
     assert "merge_and_unload, parity checked" in in_memory and "(model outputs, fp32)" in in_memory
@@ -75,16 +116,31 @@ def test_summary_has_a_line_per_stage_and_the_parity_figures():
 def test_report_json_keeps_the_figures_and_leaves_the_hand_offs_out():
     data = json.loads(json.dumps(_report(*STREAMED).to_dict()))
     metrics = {stage["name"]: stage["metrics"] for stage in data["stages"]}
-    assert metrics["inspect"] == {"zero_stage": 3, "world_size": 2, "dtype": "bf16", "trainable": 2, "frozen": 1,
-                                  "frozen_saved": True}
+    assert metrics["inspect"] == {
+        "zero_stage": 3,
+        "world_size": 2,
+        "dtype": "bf16",
+        "trainable": 2,
+        "frozen": 1,
+        "frozen_saved": True,
+    }
     assert "base_keys" not in metrics["rebuild"] and metrics["rebuild"]["resized_vocab"]["rows"] == 264
     assert "sources" not in metrics["load"] and metrics["load"]["from_base"] == 21
     assert metrics["merge"] == {"parity": PARITY.to_dict(), "layers": 4, "files": 1, "processes": 1}
     assert metrics["save"]["tokenizer_from"] == "/models/base" and "parity" not in metrics["save"]
 
 
-@pytest.mark.parametrize("result", [INFO, REBUILT, LoadResult(1, 2, 3, ["x"], {"k": ["f", "n"]}), STREAMED[0],
-                                    IN_MEMORY[1], ConsolidateResult(1, 2, 3, 4, 5, 6)])
+@pytest.mark.parametrize(
+    "result",
+    [
+        INFO,
+        REBUILT,
+        LoadResult(1, 2, 3, ["x"], {"k": ["f", "n"]}),
+        STREAMED[0],
+        IN_MEMORY[1],
+        ConsolidateResult(1, 2, 3, 4, 5, 6),
+    ],
+)
 def test_results_round_trip_through_json_as_the_same_typed_records(result):
     again = type(result).from_dict(json.loads(json.dumps(result.to_dict())))
     assert again == result
@@ -113,8 +169,9 @@ def test_inspect_findings_read_as_a_block():
     assert "detected     DoRA" in text and text.endswith("note: frozen params were not saved")
 
 
-@pytest.mark.parametrize("count,text", [(0, "0 B"), (999, "999 B"), (15_500, "15.5 KB"), (1.5e9, "1.5 GB"),
-                                        (3e15, "3000.0 TB")])
+@pytest.mark.parametrize(
+    "count,text", [(0, "0 B"), (999, "999 B"), (15_500, "15.5 KB"), (1.5e9, "1.5 GB"), (3e15, "3000.0 TB")]
+)
 def test_human_sizes(count, text):
     assert human_size(count) == text
 

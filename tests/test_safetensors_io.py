@@ -102,8 +102,9 @@ def test_referenced_tensors_read_from_the_ranges_they_list(tmp_path):
     (tmp_path / "two.bin").write_bytes(raw[cut:] + b"y" * 3)
     ranges = [(str(tmp_path / "one.bin"), 7, cut), (str(tmp_path / "two.bin"), 0, len(raw) - cut)]
     specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
-    with Writer(tmp_path / "t.safetensors", specs, {"format": "pt"},
-                {"b.weight": (weight.dtype, list(weight.shape), ranges)}) as writer:
+    with Writer(
+        tmp_path / "t.safetensors", specs, {"format": "pt"}, {"b.weight": (weight.dtype, list(weight.shape), ranges)}
+    ) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
     assert load_file(tmp_path / "t.safetensors").keys() == tensors.keys()  # other readers see the stored ones
@@ -114,5 +115,5 @@ def test_referenced_tensors_read_from_the_ranges_they_list(tmp_path):
     assert torch.equal(reader.get("b.weight", slice(3, 30)), weight[3:30])
     buffer = torch.empty(1000, dtype=torch.uint8)
     for first, rows in reader.chunks("b.weight", chunk_bytes=200, into=buffer):
-        assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, weight[first: first + len(rows)])
+        assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, weight[first : first + len(rows)])
     assert reader.get("b.weight", into=torch.empty(10, dtype=torch.uint8)).shape == weight.shape  # too small: fresh

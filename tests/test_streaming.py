@@ -40,8 +40,10 @@ def test_streaming_output_is_byte_identical_to_in_memory(trained, tmp_path, name
     assert "parity" in in_memory.stage("save").metrics  # the whole model's outputs checked
 
 
-@pytest.mark.parametrize("name,dtype", [("engine-z3-bf16", "bf16"), ("gpt2-tied-z3", "fp32"),
-                                        ("t5-seq2seq-z3", "fp16"), ("modules-to-save-z3", "auto")])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [("engine-z3-bf16", "bf16"), ("gpt2-tied-z3", "fp32"), ("t5-seq2seq-z3", "fp16"), ("modules-to-save-z3", "auto")],
+)
 def test_sharded_streaming_output_is_byte_identical_to_in_memory(trained, tmp_path, name, dtype):
     fixture = trained(name)
     convert_fixture(fixture, tmp_path / "streamed", max_shard_size="60KB", dtype=dtype)
@@ -50,11 +52,19 @@ def test_sharded_streaming_output_is_byte_identical_to_in_memory(trained, tmp_pa
     _assert_identical(tmp_path / "streamed", tmp_path / "in-memory")
 
 
-@pytest.mark.parametrize("name,max_shard_size,dtype", [
-    ("engine-z3-bf16", "5GB", "auto"), ("rslora-patterns-z3", "5GB", "fp32"), ("all-linear-z2", "60KB", "bf16"),
-    ("t5-seq2seq-z3", "60KB", "fp16"), ("bert-features-z3", "20KB", "auto")])
-def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(trained, tmp_path, monkeypatch, name,
-                                                                  max_shard_size, dtype):
+@pytest.mark.parametrize(
+    "name,max_shard_size,dtype",
+    [
+        ("engine-z3-bf16", "5GB", "auto"),
+        ("rslora-patterns-z3", "5GB", "fp32"),
+        ("all-linear-z2", "60KB", "bf16"),
+        ("t5-seq2seq-z3", "60KB", "fp16"),
+        ("bert-features-z3", "20KB", "auto"),
+    ],
+)
+def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(
+    trained, tmp_path, monkeypatch, name, max_shard_size, dtype
+):
     """Linear layers merged in blocks of a few rows (at the fixtures' size a layer is one block) write what
     the in-memory path writes. Where a layer's bias and weight fall in different shards (BERT's, in 20 KB
     shards), its merged rows are held until the weight's shard is written."""
@@ -69,8 +79,9 @@ def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(trained, tmp_pa
     monkeypatch.setattr(layers.LayerMerger, "_weights_given", weights_given)
     monkeypatch.setattr(shards, "_hold", lambda *args: held.append(args[2]) or hold(*args))
     fixture = trained(name)
-    convert_fixture(fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype,
-                    tuning=Tuning(block_bytes=1024))
+    convert_fixture(
+        fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype, tuning=Tuning(block_bytes=1024)
+    )
     assert any(first_rows)  # a layer was given a block that does not start at its first row
     assert bool(held) == (name == "bert-features-z3")
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size=max_shard_size, dtype=dtype, in_memory=True)
@@ -94,9 +105,24 @@ def test_torchrun_ranks_share_the_shards_and_write_the_same_files(trained, tmp_p
     """``torchrun -m zero2merged convert``: rank 0 converts, both ranks write shards, one output."""
     fixture = trained("engine-z3-bf16")
     merged = tmp_path / "ranks"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "zero2merged", "convert", str(fixture.checkpoint), "--output", str(merged),
-               "--max-shard-size", "60KB", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "zero2merged",
+        "convert",
+        str(fixture.checkpoint),
+        "--output",
+        str(merged),
+        "--max-shard-size",
+        "60KB",
+        "--json",
+    ]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size="60KB", in_memory=True)

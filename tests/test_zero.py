@@ -56,9 +56,19 @@ def test_checkpoint_keys_are_deepspeeds():
     """names.py restates DeepSpeed's checkpoint keys so reading never imports deepspeed; they must agree."""
     from deepspeed.checkpoint import constants
 
-    restated = ["OPTIMIZER_STATE_DICT", "ZERO_STAGE", "PARTITION_COUNT", "FP32_FLAT_GROUPS",
-                "SINGLE_PARTITION_OF_FP32_GROUPS", "PARAM_ALIGNMENT_PADDINGS", "PARAM_SHAPES", "BUFFER_NAMES",
-                "FROZEN_PARAM_SHAPES", "FROZEN_PARAM_FRAGMENTS", "DS_VERSION"]
+    restated = [
+        "OPTIMIZER_STATE_DICT",
+        "ZERO_STAGE",
+        "PARTITION_COUNT",
+        "FP32_FLAT_GROUPS",
+        "SINGLE_PARTITION_OF_FP32_GROUPS",
+        "PARAM_ALIGNMENT_PADDINGS",
+        "PARAM_SHAPES",
+        "BUFFER_NAMES",
+        "FROZEN_PARAM_SHAPES",
+        "FROZEN_PARAM_FRAGMENTS",
+        "DS_VERSION",
+    ]
     for key in restated:
         assert getattr(names, key) == getattr(constants, key), key
 
@@ -180,7 +190,7 @@ def test_consolidated_file_lists_frozen_params_by_reference_and_reads_back_deeps
         buffer = torch.empty(saved.nbytes(key), dtype=torch.uint8)
         whole, count = saved.get(key), 0
         for first, rows in saved.chunks(key, chunk_bytes=saved.nbytes(key) // 3, into=buffer):
-            assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, whole[first: first + len(rows)])
+            assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, whole[first : first + len(rows)])
             count += 1
         assert count > 1
 

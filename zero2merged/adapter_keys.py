@@ -86,7 +86,9 @@ def infer_lora_config(keys: AdapterKeys, *, lora_alpha: float, use_rslora: bool 
     rank_pattern = {module: rank for module, rank in keys.ranks.items() if rank != r}
     bias = "none"
     if keys.biases:
-        lora_only = all(b.removesuffix(".base_layer.bias").removeprefix(names.PEFT_PREFIX) in keys.ranks for b in keys.biases)
+        lora_only = all(
+            b.removesuffix(".base_layer.bias").removeprefix(names.PEFT_PREFIX) in keys.ranks for b in keys.biases
+        )
         bias = "lora_only" if lora_only else "all"
     config = {
         "peft_type": "LORA",

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from zero2merged import names
-from zero2merged.errors import BaseModelError
 from zero2merged.dtypes import SHORT_NAMES
+from zero2merged.errors import BaseModelError
 
 # PEFT's task types and the Auto class each one trains.
 TASK_AUTO_CLASSES = {
@@ -41,11 +41,15 @@ def base_config(base_model: str):
         return AutoConfig.from_pretrained(base_model, trust_remote_code=False)  # never a model folder's code
     except (OSError, ValueError, KeyError) as e:
         if "trust_remote_code" in str(e):
-            raise BaseModelError(f"the base model {base_model} needs code of its own (trust_remote_code), and "
-                                 "zero2merged never runs code from a model folder; use a transformers-native "
-                                 "architecture") from e
-        raise BaseModelError(f"cannot read the base model's config at {base_model}: {first_line(e)}; "
-                             "pass --base-model with the model the adapter was trained on") from e
+            raise BaseModelError(
+                f"the base model {base_model} needs code of its own (trust_remote_code), and "
+                "zero2merged never runs code from a model folder; use a transformers-native "
+                "architecture"
+            ) from e
+        raise BaseModelError(
+            f"cannot read the base model's config at {base_model}: {first_line(e)}; "
+            "pass --base-model with the model the adapter was trained on"
+        ) from e
 
 
 def base_dtype(config) -> str:
@@ -90,8 +94,10 @@ def base_dir(base_model: str) -> Path:
     try:
         return Path(snapshot_download(base_model, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not here"
-        raise BaseModelError(f"the base model {base_model} is neither a folder nor in the local Hugging Face "
-                             f"cache ({type(e).__name__}); pass --base-model with its folder") from e
+        raise BaseModelError(
+            f"the base model {base_model} is neither a folder nor in the local Hugging Face "
+            f"cache ({type(e).__name__}); pass --base-model with its folder"
+        ) from e
 
 
 def base_weights(base_model: str) -> dict[str, str]:
@@ -132,7 +138,7 @@ def checkpoint_vocab(shapes: dict[str, list[int]], module: str) -> set[int]:
     for key, shape in shapes.items():
         if not key.startswith(prefix):
             continue
-        part = key[len(prefix):]
+        part = key[len(prefix) :]
         if part.startswith("lora_embedding_A."):
             rows.add(shape[1])  # (r, vocab)
         elif part.endswith("weight") and not part.startswith("lora_"):
@@ -159,4 +165,5 @@ def saved_dtypes(model, dtype: torch.dtype):
     def of(name: str) -> torch.dtype:
         found = pattern.search(name)
         return plan[group_to_glob[found.lastgroup]] if found else dtype
+
     return of

@@ -77,15 +77,24 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 # The fields of zero2merged.options.Source, as options (the checkpoint is each command's argument).
 SOURCE_OPTIONS = [
     click.option("--tag", help="Checkpoint tag to use [default: the one 'latest' names]."),
-    click.option("--adapter-config", type=click.Path(exists=True),
-                 help="adapter_config.json (or its folder) if not beside the checkpoint."),
+    click.option(
+        "--adapter-config",
+        type=click.Path(exists=True),
+        help="adapter_config.json (or its folder) if not beside the checkpoint.",
+    ),
     click.option("--base-model", help="Base model path or hub id [default: the adapter config's]."),
-    click.option("--lora-alpha", type=float,
-                 help="No adapter config anywhere: infer it from the checkpoint's keys, with this lora_alpha."),
+    click.option(
+        "--lora-alpha",
+        type=float,
+        help="No adapter config anywhere: infer it from the checkpoint's keys, with this lora_alpha.",
+    ),
     click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling."),
-    click.option("--unsafe-pickle", is_flag=True,
-                 help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "
-                      "code: only for checkpoints you trust)."),
+    click.option(
+        "--unsafe-pickle",
+        is_flag=True,
+        help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "
+        "code: only for checkpoints you trust).",
+    ),
 ]
 
 
@@ -101,19 +110,36 @@ def source_options(command):
 @checkpoint_argument
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the merged model (new or empty).")
 @source_options
-@click.option("--dtype", type=click.Choice(["auto", *OUTPUT_DTYPES]), default="auto", show_default=True,
-              help="Output dtype; auto = the base's.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *OUTPUT_DTYPES]),
+    default="auto",
+    show_default=True,
+    help="Output dtype; auto = the base's.",
+)
 @click.option("--work-dir", type=click.Path(), help="Stage artifacts and manifest [default: OUTPUT.zero2merged-work].")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those whose results are still valid.")
 @click.option("--ignore-base-mismatch", is_flag=True, help="Go on when saved frozen weights differ from the base's.")
-@click.option("--in-memory", is_flag=True,
-              help="Load the whole model and check the merged model's outputs end to end (several times the "
-                   "model's size in RAM); the default streams a layer at a time. Both write identical files.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes writing the output's shards (under torchrun, every rank writes a share instead).")
-@click.option("--device", default="cpu", show_default=True,
-              help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.")
+@click.option(
+    "--in-memory",
+    is_flag=True,
+    help="Load the whole model and check the merged model's outputs end to end (several times the "
+    "model's size in RAM); the default streams a layer at a time. Both write identical files.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes writing the output's shards (under torchrun, every rank writes a share instead).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.",
+)
 @json_option
 def convert(checkpoint, output, as_json, **options) -> None:
     """Convert CHECKPOINT (the folder holding 'latest') into a merged model.
@@ -150,13 +176,22 @@ def inspect(checkpoint, as_json, **source) -> None:
 
 @main.command()
 @click.argument("merged", type=click.Path(exists=True, file_okay=False))
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
-              help="The DeepSpeed checkpoint folder the merged model was made from.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
-              help="Or: a PEFT adapter folder (adapter_config.json + weights), with --base-model.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False),
+    help="The DeepSpeed checkpoint folder the merged model was made from.",
+)
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Or: a PEFT adapter folder (adapter_config.json + weights), with --base-model.",
+)
 @source_options
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
-              help="A text file, one prompt per line, tokenized with the base's tokenizer [default: random ids].")
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A text file, one prompt per line, tokenized with the base's tokenizer [default: random ids].",
+)
 @json_option
 def verify(merged, checkpoint, adapter, prompts, as_json, **source) -> None:
     """Check that MERGED behaves like the unmerged model (from --checkpoint, or --adapter + --base-model).
@@ -176,11 +211,13 @@ def verify(merged, checkpoint, adapter, prompts, as_json, **source) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(f"{verdict}: {report.merged} ({report.merged_dtype}) vs the unmerged model from {report.source}"
-                   f"{f' [{report.tag}]' if report.tag else ''} on {report.inputs}: max abs diff "
-                   f"{p['max_abs_diff']:.3g}, max rel diff {p['max_rel_diff']:.3g}, top-1 agreement "
-                   f"{p['top1_agreement']:.4f} (tolerance: max rel diff {report.tolerance['max_rel_diff']:g}, "
-                   f"top-1 {report.tolerance['min_top1']:g})")
+        click.echo(
+            f"{verdict}: {report.merged} ({report.merged_dtype}) vs the unmerged model from {report.source}"
+            f"{f' [{report.tag}]' if report.tag else ''} on {report.inputs}: max abs diff "
+            f"{p['max_abs_diff']:.3g}, max rel diff {p['max_rel_diff']:.3g}, top-1 agreement "
+            f"{p['top1_agreement']:.4f} (tolerance: max rel diff {report.tolerance['max_rel_diff']:g}, "
+            f"top-1 {report.tolerance['min_top1']:g})"
+        )
     if not report.passed:
         sys.exit(1)
 
@@ -206,5 +243,7 @@ def export_adapter(checkpoint, output, as_json, **source) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
-                   f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}")
+        click.echo(
+            f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
+            f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}"
+        )

@@ -72,11 +72,22 @@ def _export(source: Source, output: Path) -> ExportReport:
     inputs = probe_inputs(fresh.config)
     parity = compare(outputs(reloaded, inputs), outputs(model, inputs))
     parity.check(MERGE_TOLERANCE, f"the adapter reloaded from {staged} vs the trained model")
-    saved = {k for k, v in reloaded.state_dict().items() if f".{info.adapter_name}." in k or k.endswith(f".{info.adapter_name}")}
+    saved = {
+        k
+        for k, v in reloaded.state_dict().items()
+        if f".{info.adapter_name}." in k or k.endswith(f".{info.adapter_name}")
+    }
     if not set(info.layout.trainable_shapes) <= saved:
-        raise VerificationError(f"{staged} lacks trained tensors, e.g. {sorted(set(info.layout.trainable_shapes) - saved)[0]}")
+        raise VerificationError(
+            f"{staged} lacks trained tensors, e.g. {sorted(set(info.layout.trainable_shapes) - saved)[0]}"
+        )
 
     replace_dir(staged, output)
-    return ExportReport(output=str(output), checkpoint=info.checkpoint, tag=info.tag,
-                        files=[str(p.relative_to(output)) for p in files_in(output)],
-                        tensors=len(info.layout.trainable_shapes), parity=parity.to_dict())
+    return ExportReport(
+        output=str(output),
+        checkpoint=info.checkpoint,
+        tag=info.tag,
+        files=[str(p.relative_to(output)) for p in files_in(output)],
+        tensors=len(info.layout.trainable_shapes),
+        parity=parity.to_dict(),
+    )

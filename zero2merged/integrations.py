@@ -45,13 +45,16 @@ class MergeOnTrainEnd(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint.is_dir():
-            raise CheckpointError(f"no checkpoint of the last step at {checkpoint}: was saving disabled "
-                                  "(save_strategy='no' with a custom loop)? zero2merged needs it")
+            raise CheckpointError(
+                f"no checkpoint of the last step at {checkpoint}: was saving disabled "
+                "(save_strategy='no' with a custom loop)? zero2merged needs it"
+            )
         self.report = convert(checkpoint, self.output, **self.options)
 
 
-def export_engine(engine, save_dir: Path | str, output: Path | str, *, tag: str | None = None,
-                  **options: Any) -> ConvertReport:
+def export_engine(
+    engine, save_dir: Path | str, output: Path | str, *, tag: str | None = None, **options: Any
+) -> ConvertReport:
     """Save a DeepSpeed engine's checkpoint and convert it: the last call of a custom training loop.
 
     Call it on every rank (saving a ZeRO checkpoint is collective). ``engine.module`` must be the PEFT

@@ -40,8 +40,7 @@ class LayerMerger:
         worst: The worst parity of the layers merged so far.
     """
 
-    def __init__(self, adapter: str, sources: dict[str, list[str]], device: str,
-                 block_bytes: int = Tuning.block_bytes):
+    def __init__(self, adapter: str, sources: dict[str, list[str]], device: str, block_bytes: int = Tuning.block_bytes):
         self.adapter, self.sources, self.device, self.block_bytes = adapter, sources, device, block_bytes
         self.readers = Readers()
         self.merged: set[str] = set()
@@ -88,8 +87,14 @@ class LayerMerger:
         _assign(layer, {name: self._fetch(*source) for name, source in sources.items() if name.startswith("lora_A.")})
         for first in range(0, out_features, step):
             rows = slice(first, min(first + step, out_features))
-            _assign(layer, {name: self._fetch(*source, rows, buffered=name == "base_layer.weight")
-                            for name, source in sources.items() if not name.startswith("lora_A.")})
+            _assign(
+                layer,
+                {
+                    name: self._fetch(*source, rows, buffered=name == "base_layer.weight")
+                    for name, source in sources.items()
+                    if not name.startswith("lora_A.")
+                },
+            )
             yield first
         _assign(layer, declared)
 
@@ -120,9 +125,13 @@ def _by_rows(layer: Any, adapter: str) -> bool:
     from peft.tuners.lora import Linear
     from torch import nn
 
-    return (type(layer) is Linear and type(layer.get_base_layer()) is nn.Linear and not layer.fan_in_fan_out
-            and adapter not in layer.lora_variant
-            and all(name.startswith(("base_layer.", "lora_A.", "lora_B.")) for name in layer.state_dict()))
+    return (
+        type(layer) is Linear
+        and type(layer.get_base_layer()) is nn.Linear
+        and not layer.fan_in_fan_out
+        and adapter not in layer.lora_variant
+        and all(name.startswith(("base_layer.", "lora_A.", "lora_B.")) for name in layer.state_dict())
+    )
 
 
 def _assign(layer: Any, tensors: dict[str, torch.Tensor]) -> None:

@@ -156,8 +156,10 @@ class Manifest:
 
     def describe(self, root: Path, files: list[Path]) -> dict[str, dict]:
         """Output files relative to ``root``, with size and sha256."""
-        return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": self.hashes.sha256(f)}
-                for f in sorted(files)}
+        return {
+            str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": self.hashes.sha256(f)}
+            for f in sorted(files)
+        }
 
     def current(self, stage: str, fingerprint_: str, root: Path) -> dict | None:
         """The stage's record if it is done, for these inputs, with its outputs intact; else None."""
@@ -166,8 +168,11 @@ class Manifest:
             return None
         for name, expected in record.get("outputs", {}).items():
             path = root / name
-            if (not path.is_file() or path.stat().st_size != expected["bytes"]
-                    or self.hashes.sha256(path) != expected["sha256"]):
+            if (
+                not path.is_file()
+                or path.stat().st_size != expected["bytes"]
+                or self.hashes.sha256(path) != expected["sha256"]
+            ):
                 return None
         return record
 

@@ -33,21 +33,39 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
     """
     layout, lora = info.layout, info.lora_config
     versions = library_versions()
-    lora_fields = {key: lora.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora",
-                                                  "rank_pattern", "alpha_pattern", "modules_to_save",
-                                                  "task_type") if lora.get(key) not in (None, {}, [])}
+    lora_fields = {
+        key: lora.get(key)
+        for key in (
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "use_dora",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "modules_to_save",
+            "task_type",
+        )
+        if lora.get(key) not in (None, {}, [])
+    }
     parity = merged.parity
-    checks = [f"- Each LoRA layer merged by PEFT and compared with the unmerged layer on seeded probe inputs "
-              f"(fp32): max abs diff {parity.max_abs_diff:.3g}, top-1 agreement "
-              f"{parity.top1_agreement:.4f} over {merged.layers} layers."
-              if merged.layers is not None else
-              f"- Merged vs unmerged model (PEFT `merge_and_unload`, fp32) on seeded probe inputs: max abs diff "
-              f"{parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}."]
+    checks = [
+        f"- Each LoRA layer merged by PEFT and compared with the unmerged layer on seeded probe inputs "
+        f"(fp32): max abs diff {parity.max_abs_diff:.3g}, top-1 agreement "
+        f"{parity.top1_agreement:.4f} over {merged.layers} layers."
+        if merged.layers is not None
+        else f"- Merged vs unmerged model (PEFT `merge_and_unload`, fp32) on seeded probe inputs: max abs diff "
+        f"{parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}."
+    ]
     if save_parity:
-        checks.append(f"- This {dtype} model reloaded with the plain Auto class vs the fp32 merge: max abs diff "
-                      f"{save_parity.max_abs_diff:.3g}, top-1 agreement {save_parity.top1_agreement:.4f}.")
-    checks.append("- Every weight written once (tied ones once), named and sharded as `save_pretrained` writes "
-                  "them, checked against the model the saved config builds.")
+        checks.append(
+            f"- This {dtype} model reloaded with the plain Auto class vs the fp32 merge: max abs diff "
+            f"{save_parity.max_abs_diff:.3g}, top-1 agreement {save_parity.top1_agreement:.4f}."
+        )
+    checks.append(
+        "- Every weight written once (tied ones once), named and sharded as `save_pretrained` writes "
+        "them, checked against the model the saved config builds."
+    )
     lines = [
         "---",
         f"base_model: {json.dumps(info.base_model)}",

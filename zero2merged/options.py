@@ -153,8 +153,10 @@ def parse_size(size: int | str) -> int:
     except (ValueError, AttributeError, TypeError):
         value = 0
     if value <= 0:
-        raise OptionError(f"--max-shard-size {size!r} is not a size: give a number of bytes or one with a unit, "
-                          "such as 5GB, 500MB or 100KB (KB, MB, GB, TB)")
+        raise OptionError(
+            f"--max-shard-size {size!r} is not a size: give a number of bytes or one with a unit, "
+            "such as 5GB, 500MB or 100KB (KB, MB, GB, TB)"
+        )
     return value
 
 

@@ -90,8 +90,9 @@ def _convert(source: Source, output: Path, options: ConvertOptions, channel) -> 
     return report
 
 
-def _stages(runner: Runner, source: Source, where: Location, output: Path, options: ConvertOptions,
-            hashes: FileHashes, channel) -> ConvertReport:
+def _stages(
+    runner: Runner, source: Source, where: Location, output: Path, options: ConvertOptions, hashes: FileHashes, channel
+) -> ConvertReport:
     """The stages of one conversion, in order."""
     work, streaming = runner.work_dir, options.streaming
     info = runner.run(Inspect(source, where))
@@ -100,13 +101,31 @@ def _stages(runner: Runner, source: Source, where: Location, output: Path, optio
     rebuild = Rebuild(info, streaming=streaming)
     load = Load(info, rebuild, work / names.CONSOLIDATED, ignore_base_mismatch=options.ignore_base_mismatch)
     form = OutputForm(dtype, options.max_shard_size, options.device) if streaming else None
-    merge = Merge(info, rebuild, load, work, form=form, helpers=make_helpers(channel, options.workers),
-                  hashes=hashes, block_bytes=options.tuning.block_bytes)
+    merge = Merge(
+        info,
+        rebuild,
+        load,
+        work,
+        form=form,
+        helpers=make_helpers(channel, options.workers),
+        hashes=hashes,
+        block_bytes=options.tuning.block_bytes,
+    )
     rebuilt, _, merged = runner.run_together(rebuild, load, merge)
-    runner.run(Save(info, rebuilt, merged, work, output, dtype=dtype, max_shard_size=options.max_shard_size,
-                    streaming=streaming))
-    return ConvertReport(checkpoint=info.checkpoint, tag=info.tag, output=str(output), work_dir=str(work),
-                         dtype=dtype, stages=runner.reports, warnings=info.warnings)
+    runner.run(
+        Save(
+            info, rebuilt, merged, work, output, dtype=dtype, max_shard_size=options.max_shard_size, streaming=streaming
+        )
+    )
+    return ConvertReport(
+        checkpoint=info.checkpoint,
+        tag=info.tag,
+        output=str(output),
+        work_dir=str(work),
+        dtype=dtype,
+        stages=runner.reports,
+        warnings=info.warnings,
+    )
 
 
 @contextlib.contextmanager
@@ -132,8 +151,10 @@ def _locked(work_dir: Path) -> Iterator[None]:
         except BlockingIOError as e:
             lock.seek(0)
             owner = lock.read().strip() or "unknown"
-            raise OutputError(f"work directory {work_dir} is in use by another zero2merged run (pid {owner}); "
-                              "wait for it or pass another --work-dir") from e
+            raise OutputError(
+                f"work directory {work_dir} is in use by another zero2merged run (pid {owner}); "
+                "wait for it or pass another --work-dir"
+            ) from e
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -158,5 +179,8 @@ def _check_paths(checkpoint: Path, output: Path, work_dir: Path) -> None:
 def _output_is_ours(manifest: Manifest, output: Path) -> bool:
     """Whether ``output`` holds exactly what this work directory's last save wrote there."""
     record = manifest.stages.get("save", {})
-    return (record.get("status") == "done" and record.get("result", {}).get("output") == str(output)
-            and set(record.get("outputs", {})) == {str(p.relative_to(output)) for p in files_in(output)})
+    return (
+        record.get("status") == "done"
+        and record.get("result", {}).get("output") == str(output)
+        and set(record.get("outputs", {})) == {str(p.relative_to(output)) for p in files_in(output)}
+    )

@@ -19,8 +19,16 @@ class Progress:
 
         self.tensors, self.done = tensors, 0
         quiet = not log.isEnabledFor(logging.INFO)
-        self.bar = tqdm(total=total_bytes, desc=what, unit="B", unit_scale=True, unit_divisor=1024,
-                        disable=True if quiet else None, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_bytes,
+            desc=what,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=True if quiet else None,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def update(self, nbytes: int, tensor_done: bool = False) -> None:
         self.done += tensor_done

@@ -46,8 +46,15 @@ class ConvertReport:
         return next(s for s in self.stages if s.name == name)
 
     def to_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint, "tag": self.tag, "output": self.output, "work_dir": self.work_dir,
-                "dtype": self.dtype, "stages": [s.to_dict() for s in self.stages], "warnings": self.warnings}
+        return {
+            "checkpoint": self.checkpoint,
+            "tag": self.tag,
+            "output": self.output,
+            "work_dir": self.work_dir,
+            "dtype": self.dtype,
+            "stages": [s.to_dict() for s in self.stages],
+            "warnings": self.warnings,
+        }
 
     def summary(self) -> str:
         lines = [f"{self.checkpoint} [{self.tag}] -> {self.output} ({self.dtype})"]
@@ -56,11 +63,15 @@ class ConvertReport:
         merged: MergeResult = self.stage("merge").result
         saved: SaveResult = self.stage("save").result
         scope = "each LoRA layer" if merged.layers is not None else "model outputs"
-        lines.append(f"  parity merged vs unmerged ({scope}, fp32): max abs diff {merged.parity.max_abs_diff:.3g}, "
-                     f"top-1 agreement {merged.parity.top1_agreement:.4f}")
+        lines.append(
+            f"  parity merged vs unmerged ({scope}, fp32): max abs diff {merged.parity.max_abs_diff:.3g}, "
+            f"top-1 agreement {merged.parity.top1_agreement:.4f}"
+        )
         if saved.parity is not None:
-            lines.append(f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {saved.parity.max_abs_diff:.3g}, "
-                         f"top-1 agreement {saved.parity.top1_agreement:.4f}")
+            lines.append(
+                f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {saved.parity.max_abs_diff:.3g}, "
+                f"top-1 agreement {saved.parity.top1_agreement:.4f}"
+            )
         lines += [f"  note: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -86,13 +97,24 @@ def format_info(info: CheckpointInfo) -> str:
         ("checkpoint", info.checkpoint),
         ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
         ("step", layout.global_step),
-        ("ZeRO", f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}"),
-        ("trainable", f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, {human_size(4 * trainable)} "
-                      "(fp32 masters)"),
-        ("frozen", f"{len(layout.frozen)} tensors, {frozen:,} params, "
-                   f"{human_size(frozen * (4 if layout.dtype == 'fp32' else 2))}, {saved}"),
-        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('lora_alpha'):g}, targets {_targets(lora)}, "
-                 f"adapter '{info.adapter_name}'"),
+        (
+            "ZeRO",
+            f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}",
+        ),
+        (
+            "trainable",
+            f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, {human_size(4 * trainable)} (fp32 masters)",
+        ),
+        (
+            "frozen",
+            f"{len(layout.frozen)} tensors, {frozen:,} params, "
+            f"{human_size(frozen * (4 if layout.dtype == 'fp32' else 2))}, {saved}",
+        ),
+        (
+            "LoRA",
+            f"r={lora.get('r')}, alpha={lora.get('lora_alpha'):g}, targets {_targets(lora)}, "
+            f"adapter '{info.adapter_name}'",
+        ),
         ("LoRA config", info.adapter_config_path),
         ("base model", info.base_model),
     ]

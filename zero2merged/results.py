@@ -145,9 +145,14 @@ class CheckpointInfo(StageResult):
 
     def metrics(self) -> dict:
         layout = self.layout
-        return {"zero_stage": layout.zero_stage, "world_size": layout.world_size, "dtype": layout.dtype,
-                "trainable": len(layout.trainable_shapes), "frozen": len(layout.frozen),
-                "frozen_saved": layout.frozen_source is not None}
+        return {
+            "zero_stage": layout.zero_stage,
+            "world_size": layout.world_size,
+            "dtype": layout.dtype,
+            "trainable": len(layout.trainable_shapes),
+            "frozen": len(layout.frozen),
+            "frozen_saved": layout.frozen_source is not None,
+        }
 
     def headline(self) -> str:
         return f"ZeRO-{self.layout.zero_stage}, {self.layout.world_size} ranks, {self.layout.dtype}"
@@ -260,8 +265,12 @@ class Parity(Record):
 
     def worse(self, other: Parity) -> Parity:
         """The worst of both figures, over the positions of both."""
-        return Parity(max(self.max_abs_diff, other.max_abs_diff), max(self.max_rel_diff, other.max_rel_diff),
-                      min(self.top1_agreement, other.top1_agreement), self.positions + other.positions)
+        return Parity(
+            max(self.max_abs_diff, other.max_abs_diff),
+            max(self.max_rel_diff, other.max_rel_diff),
+            min(self.top1_agreement, other.top1_agreement),
+            self.positions + other.positions,
+        )
 
 
 PERFECT = Parity(0.0, 0.0, 1.0, 0)  # no positions compared yet: what :meth:`Parity.worse` starts from

@@ -83,15 +83,17 @@ class Runner:
         for stage in stages:
             self._chain = fingerprint({"stage": stage.name, "after": self._chain, "inputs": stage.inputs()})
             prints.append(self._chain)
-        records = [None if self.force else self.manifest.current(stage.name, fp, stage.root(self.work_dir))
-                   for stage, fp in zip(stages, prints)]
+        records = [
+            None if self.force else self.manifest.current(stage.name, fp, stage.root(self.work_dir))
+            for stage, fp in zip(stages, prints, strict=True)
+        ]
         if all(records):
-            for stage, record in zip(stages, records):
+            for stage, record in zip(stages, records, strict=True):
                 stage.result = stage.result_type.from_dict(record["result"])
                 log.info("%s: skipped (its result is still valid)", stage.name)
                 self.reports.append(StageReport(stage.name, "skipped", 0.0, stage.result))
         else:
-            for stage, fp in zip(stages, prints):
+            for stage, fp in zip(stages, prints, strict=True):
                 self._run(stage, fp)
         return [stage.result for stage in stages]
 
@@ -107,13 +109,23 @@ class Runner:
             for path in stage.scratch():
                 shutil.rmtree(path, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutputError(f"{stage.name}: no space left on the device ({e.filename or self.work_dir}); free "
-                                  "some, or put --work-dir and --output on a larger filesystem, and run again (the "
-                                  "finished stages are kept)") from e
+                raise OutputError(
+                    f"{stage.name}: no space left on the device ({e.filename or self.work_dir}); free "
+                    "some, or put --work-dir and --output on a larger filesystem, and run again (the "
+                    "finished stages are kept)"
+                ) from e
             raise
         outputs = self.manifest.describe(stage.root(self.work_dir), stage.outputs())  # hashing is part of its cost
         seconds = time.perf_counter() - start
-        self.manifest.put(stage.name, {"status": "done", "fingerprint": fp, "result": stage.result.to_dict(),
-                                       "outputs": outputs, "seconds": round(seconds, 3)})
+        self.manifest.put(
+            stage.name,
+            {
+                "status": "done",
+                "fingerprint": fp,
+                "result": stage.result.to_dict(),
+                "outputs": outputs,
+                "seconds": round(seconds, 3),
+            },
+        )
         self.reports.append(StageReport(stage.name, "ran", seconds, stage.result))
         log.info("%s: done in %.2f s", stage.name, seconds)

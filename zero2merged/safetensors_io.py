@@ -68,13 +68,22 @@ class Writer:
         sync: Flush the file to disk on closing; without it, the caller must (before relying on it).
     """
 
-    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str],
-                 references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None, *, sync: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        specs: dict[str, tuple[torch.dtype, list[int]]],
+        metadata: dict[str, str],
+        references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None,
+        *,
+        sync: bool = True,
+    ):
         self.path, self.sync = path, sync
         order = sorted(specs, key=lambda name: (-_RANK[SAFETENSORS_DTYPES[specs[name][0]]], name))
         if references:
-            listed = {name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
-                      for name, (dtype, shape, ranges) in references.items()}
+            listed = {
+                name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "ranges": [list(r) for r in ranges]}
+                for name, (dtype, shape, ranges) in references.items()
+            }
             metadata = {**metadata, REFERENCES_KEY: json.dumps(listed, sort_keys=True)}
         header: dict = {"__metadata__": metadata} if metadata else {}
         self.extent: dict[str, tuple[int, int]] = {}
@@ -82,7 +91,11 @@ class Writer:
         for name in order:
             dtype, shape = specs[name]
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self.extent[name] = (offset, offset + size)
             offset += size
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -231,14 +244,15 @@ class Reader:
                 with open(file, "rb") as f:
                     done = 0
                     while done < hi - lo:
-                        got = os.preadv(f.fileno(), [view[lo - begin + done: hi - begin]], offset + lo - at + done)
+                        got = os.preadv(f.fileno(), [view[lo - begin + done : hi - begin]], offset + lo - at + done)
                         if got <= 0:
                             raise OSError(f"{file} is truncated: {name} ends past the end of the file")
                         done += got
             at += nbytes
 
-    def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES,
-               into: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole);
         with ``into`` (see :meth:`get`), a piece is only valid until the next one is read."""
         shape = self.shape(name)

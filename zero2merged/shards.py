@@ -111,8 +111,11 @@ def plan_shards(model: Any, dtype: torch.dtype, max_shard_size: int) -> ShardPla
         meta = tensor.to("meta", dtype=dtype_of(name) if tensor.is_floating_point() else tensor.dtype)
         layer, param = merged_by.get(id(state[name]), (None, None))
         tensors[name] = Planned(meta, layer, param, keys_of.get(id(state[name]), []))
-    split = split_torch_state_dict_into_shards({name: p.meta for name, p in tensors.items()},
-                                               filename_pattern=names.WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        {name: p.meta for name, p in tensors.items()},
+        filename_pattern=names.WEIGHTS_PATTERN,
+        max_shard_size=max_shard_size,
+    )
     return ShardPlan(final, tensors, split, layers)
 
 
@@ -129,8 +132,17 @@ def deal(sizes: dict[str, int], count: int) -> list[list[str]]:
     return [sorted(share, key=order.index) for share in shares]
 
 
-def write_shards(plan: ShardPlan, shards: list[str], adapter: str, sources: dict[str, list[str]], staged: Path, *,
-                 flush: Callable[[Path], Future], device: str = "cpu", block_bytes: int = Tuning.block_bytes) -> Parity:
+def write_shards(
+    plan: ShardPlan,
+    shards: list[str],
+    adapter: str,
+    sources: dict[str, list[str]],
+    staged: Path,
+    *,
+    flush: Callable[[Path], Future],
+    device: str = "cpu",
+    block_bytes: int = Tuning.block_bytes,
+) -> Parity:
     """Write the given shards of ``plan`` into ``staged``: each LoRA layer merged by PEFT and checked on probe
     activations on its way, every other weight copied from its source a chunk at a time.
 
@@ -173,8 +185,10 @@ class _ShardWriter:
 
     def write(self, path: Path, progress: Progress) -> None:
         tensor_names = self.plan.split.filename_to_tensors[path.name]
-        specs = {name: (self.plan.tensors[name].meta.dtype, list(self.plan.tensors[name].meta.shape))
-                 for name in tensor_names}
+        specs = {
+            name: (self.plan.tensors[name].meta.dtype, list(self.plan.tensors[name].meta.shape))
+            for name in tensor_names
+        }
         with Writer(path, specs, {"format": "pt"}, sync=False) as out:
             for name in tensor_names:
                 planned = self.plan.tensors[name]
@@ -202,8 +216,10 @@ class _ShardWriter:
 def write_index(plan: ShardPlan, staged: Path) -> None:
     """The shards' index, as ``save_pretrained`` writes it (when there are several shards)."""
     if plan.split.is_sharded:
-        index = {"metadata": {"total_parameters": plan.final.num_parameters(), **plan.split.metadata},
-                 "weight_map": plan.split.tensor_to_filename}
+        index = {
+            "metadata": {"total_parameters": plan.final.num_parameters(), **plan.split.metadata},
+            "weight_map": plan.split.tensor_to_filename,
+        }
         (staged / names.WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -234,8 +250,10 @@ def _as_saved(model: Any, state: dict) -> dict:
 
     conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
     if conversions:
-        raise StreamingUnsupported(f"transformers saves {type(model).__name__} in a layout other than its modules "
-                                   "(a weight conversion mapping); convert it with --in-memory")
+        raise StreamingUnsupported(
+            f"transformers saves {type(model).__name__} in a layout other than its modules "
+            "(a weight conversion mapping); convert it with --in-memory"
+        )
     return dict(sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])))
 
 
@@ -267,7 +285,9 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """``tensor`` in ``dtype``; fp16's narrow range must not turn a weight into inf."""
     cast = tensor.to(dtype)
     if dtype == torch.float16 and not torch.isfinite(cast).all():
-        raise VerificationError(f"{name} holds values beyond float16's range (65504); save it with --dtype bf16 or fp32")
+        raise VerificationError(
+            f"{name} holds values beyond float16's range (65504); save it with --dtype bf16 or fp32"
+        )
     return cast
 
 
@@ -280,4 +300,4 @@ def _hold(held: dict[str, torch.Tensor], meta: torch.Tensor, name: str, first_ro
     """Keep merged rows of ``name`` (cast) in a whole tensor until the shard holding it is written."""
     if name not in held:
         held[name] = torch.empty(meta.shape, dtype=meta.dtype)
-    held[name][first_row: first_row + rows.shape[0]] = _cast(rows, meta.dtype, name)
+    held[name][first_row : first_row + rows.shape[0]] = _cast(rows, meta.dtype, name)

@@ -87,8 +87,10 @@ def verify(
         Zero2MergedError: the inputs cannot be read, or neither (or both) of checkpoint and adapter given.
     """
     if (checkpoint is None) == (adapter is None):
-        raise OptionError("give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
-                          "(--checkpoint or --adapter), one of them")
+        raise OptionError(
+            "give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
+            "(--checkpoint or --adapter), one of them"
+        )
     if checkpoint is not None:
         run = Source(checkpoint, **source)
         with run.pickle_policy():
@@ -115,8 +117,16 @@ def verify(
         passed = True
     except VerificationError:
         passed = False
-    return VerifyReport(merged=str(Path(merged).resolve()), source=origin, tag=tag, merged_dtype=merged_dtype,
-                        inputs=described, parity=parity.to_dict(), tolerance=asdict(tolerance), passed=passed)
+    return VerifyReport(
+        merged=str(Path(merged).resolve()),
+        source=origin,
+        tag=tag,
+        merged_dtype=merged_dtype,
+        inputs=described,
+        parity=parity.to_dict(),
+        tolerance=asdict(tolerance),
+        passed=passed,
+    )
 
 
 def _adapter_model(adapter: Path, base_model: str):

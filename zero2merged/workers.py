@@ -56,9 +56,16 @@ def write_share(task: ShardTask) -> Parity:
     model, _ = rebuild(task.info, on_meta=True)
     plan = plan_shards(model, TORCH_DTYPES[task.dtype], task.max_shard_size)
     with FileHashes() as hashes:  # flushed, not hashed: only the process recording the manifest hashes
-        return write_shards(plan, task.shards, task.info.adapter_name, task.sources, Path(task.staged),
-                            flush=functools.partial(hashes.flush_later, hashing=False), device=task.device,
-                            block_bytes=task.block_bytes)
+        return write_shards(
+            plan,
+            task.shards,
+            task.info.adapter_name,
+            task.sources,
+            Path(task.staged),
+            flush=functools.partial(hashes.flush_later, hashing=False),
+            device=task.device,
+            block_bytes=task.block_bytes,
+        )
 
 
 class Helpers:
@@ -101,6 +108,7 @@ class LocalHelpers(Helpers):
                 raise Zero2MergedError(f"a --workers process failed: {type(e).__name__}: {e}") from e
             finally:
                 pool.shutdown(cancel_futures=True)
+
         return wait
 
 

@@ -47,7 +47,6 @@ from zero2merged.options import Tuning
 from zero2merged.results import ZeroLayout
 
 
-
 class _Record:
     """Stand-in for DeepSpeed's plain record classes (loss scalers, fragment addresses): their fields only."""
 
@@ -99,8 +98,10 @@ def load_pt(path: Path) -> dict:
             "(a pickle can run code: pass --unsafe-pickle only if you trust where this checkpoint came from)"
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]} "
-                              "(is the file truncated or still being written?)") from e
+        raise CheckpointError(
+            f"cannot read {path}: {str(e).strip().splitlines()[0][:300]} "
+            "(is the file truncated or still being written?)"
+        ) from e
 
 
 MADV_DONTNEED = 4  # Linux's value (and most other systems')
@@ -252,7 +253,7 @@ class _FlatView:
 
     def pieces(self, start: int, length: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(element offset within the range, view)`` covering ``[start, start + length)``."""
-        for part, begin, end in zip(self.parts, self.starts, self.starts[1:]):
+        for part, begin, end in zip(self.parts, self.starts, self.starts[1:], strict=False):
             lo, hi = max(start, begin), min(start + length, end)
             if lo < hi:
                 yield lo - start, part.narrow(0, lo - begin, hi - lo)
@@ -434,6 +435,8 @@ class ZeroReader:
             else:
                 flat = saved[0][name].reshape(-1)
                 if flat.numel() != numel:
-                    raise CheckpointError(f"{self.tag_dir}: frozen param {name} has {flat.numel()} elements, "
-                                          f"its shape {shape} needs {numel}")
+                    raise CheckpointError(
+                        f"{self.tag_dir}: frozen param {name} has {flat.numel()} elements, "
+                        f"its shape {shape} needs {numel}"
+                    )
                 yield name, 0, flat

@@ -84,8 +84,10 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
                     continue
                 progress.update(piece.numel() * piece.element_size(), offset + piece.numel() == sizes[name])
                 if name in layout.trainable_shapes and not torch.isfinite(piece).all():
-                    raise CheckpointError(f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
-                                          "training diverged before this save; convert an earlier tag with --tag")
+                    raise CheckpointError(
+                        f"trainable tensor {name} in {info.tag_dir} holds NaN or inf values: "
+                        "training diverged before this save; convert an earlier tag with --tag"
+                    )
                 writer.write(name, piece, offset * piece.element_size())
         _check_store(tmp, info, specs, writer.size)
     return ConsolidateResult(
@@ -111,13 +113,17 @@ def _check_store(path: Path, info: CheckpointInfo, specs: dict, size: int) -> No
     file_size = functools.cache(lambda file: Path(file).stat().st_size)
     for name, shape in expected.items():
         if reader.shape(name) != list(shape) or reader.dtype(name) != specs[name][0]:
-            raise VerificationError(f"{path}: {name} reads back as {reader.dtype(name)} {reader.shape(name)}, "
-                                    f"{specs[name][0]} {shape} was written")
+            raise VerificationError(
+                f"{path}: {name} reads back as {reader.dtype(name)} {reader.shape(name)}, "
+                f"{specs[name][0]} {shape} was written"
+            )
         needed = math.prod(shape) * specs[name][0].itemsize
-        if reader.nbytes(name) != needed or any(offset + nbytes > file_size(file)
-                                                 for file, offset, nbytes in reader.ranges(name)):
-            raise VerificationError(f"{path}: {name} spans {reader.nbytes(name)} bytes of its files, "
-                                    f"{needed} are needed")
+        if reader.nbytes(name) != needed or any(
+            offset + nbytes > file_size(file) for file, offset, nbytes in reader.ranges(name)
+        ):
+            raise VerificationError(
+                f"{path}: {name} spans {reader.nbytes(name)} bytes of its files, {needed} are needed"
+            )
     for name in info.layout.trainable_shapes:
         if reader.dtype(name) != torch.float32:
             raise VerificationError(f"{path}: trainable {name} is not fp32")

@@ -73,15 +73,19 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
     if not _is_checkpoint(checkpoint):
         found = sorted((p.name for p in checkpoint.iterdir() if p.is_dir() and _is_checkpoint(p)), key=_natural)
         if not found:
-            raise CheckpointError(f"{checkpoint} is not a DeepSpeed checkpoint: no '{names.LATEST}' file, no tag "
-                                  f"folder with {names.MODEL_STATES_GLOB} and no checkpoint folder inside")
+            raise CheckpointError(
+                f"{checkpoint} is not a DeepSpeed checkpoint: no '{names.LATEST}' file, no tag "
+                f"folder with {names.MODEL_STATES_GLOB} and no checkpoint folder inside"
+            )
         chosen = found[-1]
         if tag in found:
             chosen, tag = tag, None
         elif tag is not None:
             holding = [name for name in found if (checkpoint / name / tag).is_dir()]
             if not holding:
-                raise CheckpointError(f"no checkpoint in {checkpoint} has a tag {tag!r} (checkpoints: {', '.join(found)})")
+                raise CheckpointError(
+                    f"no checkpoint in {checkpoint} has a tag {tag!r} (checkpoints: {', '.join(found)})"
+                )
             chosen = holding[-1]
         return dataclasses.replace(resolve_tag(checkpoint / chosen, tag), checkpoints=found)
 
@@ -93,8 +97,9 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
         elif len(tags) == 1:
             tag = tags[0]
         else:
-            raise CheckpointError(f"{checkpoint} has no '{names.LATEST}' file and several tags ({', '.join(tags)}); "
-                                  "choose one with --tag")
+            raise CheckpointError(
+                f"{checkpoint} has no '{names.LATEST}' file and several tags ({', '.join(tags)}); choose one with --tag"
+            )
     if not tag or Path(tag).name != tag or tag in (".", ".."):
         raise CheckpointError(f"tag {tag!r} is not a folder name inside {checkpoint}; refusing to leave it")
     if not (checkpoint / tag).is_dir():
@@ -123,9 +128,11 @@ def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
         return found
     if given is not None:
         raise AdapterConfigError(f"adapter config {candidates[0]} does not exist")
-    raise AdapterConfigError(f"no {names.ADAPTER_CONFIG} in {checkpoint} or its parent; pass --adapter-config "
-                             "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
-                             "infer the rest from the checkpoint")
+    raise AdapterConfigError(
+        f"no {names.ADAPTER_CONFIG} in {checkpoint} or its parent; pass --adapter-config "
+        "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
+        "infer the rest from the checkpoint"
+    )
 
 
 def _read_lora_config(path: Path) -> dict:
@@ -142,11 +149,15 @@ def _read_lora_config(path: Path) -> dict:
 def _adapter_name(keys: AdapterKeys, layout: ZeroLayout, tag_dir: Path) -> str:
     found = set(keys.adapters)
     if not keys.ranks:
-        raise CheckpointError(f"{tag_dir}: no LoRA weights among the trained params "
-                              f"({', '.join(list(layout.trainable_shapes)[:3])}, ...); is this a LoRA run?")
+        raise CheckpointError(
+            f"{tag_dir}: no LoRA weights among the trained params "
+            f"({', '.join(list(layout.trainable_shapes)[:3])}, ...); is this a LoRA run?"
+        )
     if len(found) > 1:
-        raise CheckpointError(f"{tag_dir}: several adapters were trained ({', '.join(sorted(found))}); "
-                              "zero2merged merges one adapter per conversion")
+        raise CheckpointError(
+            f"{tag_dir}: several adapters were trained ({', '.join(sorted(found))}); "
+            "zero2merged merges one adapter per conversion"
+        )
     return found.pop()
 
 
@@ -188,26 +199,34 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
     base_rows = model.get_input_embeddings().weight.shape[0]
     rows = set().union(*(checkpoint_vocab(shapes, m) for m in modules)) - {base_rows}
     if rows:
-        features.append(f"vocabulary resized before training: {base_rows} -> {', '.join(map(str, sorted(rows)))} tokens")
+        features.append(
+            f"vocabulary resized before training: {base_rows} -> {', '.join(map(str, sorted(rows)))} tokens"
+        )
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and output.weight is model.get_input_embeddings().weight:
         untied = [m for m in keys.modules_to_save if m in modules]
-        features.append("tied input/output embeddings" + (f", untied by training {', '.join(untied)} in full: "
-                                                          "saved untied" if untied else ": saved tied"))
+        features.append(
+            "tied input/output embeddings"
+            + (f", untied by training {', '.join(untied)} in full: saved untied" if untied else ": saved tied")
+        )
     return features, []
 
 
 def _warnings(layout: ZeroLayout, folder: Path) -> list[str]:
     notes = []
     if (folder / "adapter_model.safetensors").is_file():
-        notes.append("the checkpoint's adapter_model.safetensors holds the Trainer's 16-bit copies of the adapter "
-                     "(empty under ZeRO-3 unless gathered): the fp32 masters are used instead, and "
-                     "'zero2merged export-adapter' writes them as a PEFT adapter")
+        notes.append(
+            "the checkpoint's adapter_model.safetensors holds the Trainer's 16-bit copies of the adapter "
+            "(empty under ZeRO-3 unless gathered): the fp32 masters are used instead, and "
+            "'zero2merged export-adapter' writes them as a PEFT adapter"
+        )
     if layout.frozen_source is None:
         notes.append("frozen params were not saved (exclude_frozen_parameters): they are taken from the base model")
     elif layout.frozen_source == "module":
-        notes.append(f"ZeRO-{layout.zero_stage} keeps frozen params only in the module state dict (which "
-                     "zero_to_fp32 drops): read from there and checked against the base model")
+        notes.append(
+            f"ZeRO-{layout.zero_stage} keeps frozen params only in the module state dict (which "
+            "zero_to_fp32 drops): read from there and checked against the base model"
+        )
     return notes
 
 
@@ -240,8 +259,10 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
     if not base:
         raise BaseModelError(f"{adapter_path} names no base model (base_model_name_or_path); pass --base-model")
     if source.base_model is None and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
-        raise BaseModelError(f"the base model recorded in {adapter_path} ({base}) does not exist here; "
-                             "pass --base-model with its current location")
+        raise BaseModelError(
+            f"the base model recorded in {adapter_path} ({base}) does not exist here; "
+            "pass --base-model with its current location"
+        )
     base = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
     base_traits, base_warnings = _base_features(base, lora, layout, keys)
     return CheckpointInfo(
@@ -277,12 +298,16 @@ class Inspect(Stage[CheckpointInfo]):
 
     def inputs(self) -> dict:
         tag_dir = self.where.folder / self.where.tag
-        return {"checkpoint": str(self.where.folder), "tag": self.where.tag, "options": self.source.inference,
-                # the rank files by name, size and mtime: the later stages read them too
-                "files": files_stat([p for p in tag_dir.iterdir() if p.is_file()]),
-                "adapter_config": files_stat([p for p in adapter_config_candidates(self.where.folder,
-                                                                                   self.source.adapter_config)
-                                              if p.is_file()])}
+        return {
+            "checkpoint": str(self.where.folder),
+            "tag": self.where.tag,
+            "options": self.source.inference,
+            # the rank files by name, size and mtime: the later stages read them too
+            "files": files_stat([p for p in tag_dir.iterdir() if p.is_file()]),
+            "adapter_config": files_stat(
+                [p for p in adapter_config_candidates(self.where.folder, self.source.adapter_config) if p.is_file()]
+            ),
+        }
 
     def run(self) -> CheckpointInfo:
         return inspect(self.source, self.where)

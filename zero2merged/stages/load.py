@@ -47,10 +47,16 @@ class Load(Stage[LoadResult]):
     def run(self) -> LoadResult:
         model, rebuilt = self.rebuild.model, self.rebuild.result
         if self.rebuild.streaming:
-            return plan_sources(model, self.consolidated, self.info, rebuilt,
-                                ignore_base_mismatch=self.ignore_base_mismatch)
-        return load_weights(model, read_consolidated(self.consolidated), self.info,
-                            resized_vocab=rebuilt.resized_vocab, ignore_base_mismatch=self.ignore_base_mismatch)
+            return plan_sources(
+                model, self.consolidated, self.info, rebuilt, ignore_base_mismatch=self.ignore_base_mismatch
+            )
+        return load_weights(
+            model,
+            read_consolidated(self.consolidated),
+            self.info,
+            resized_vocab=rebuilt.resized_vocab,
+            ignore_base_mismatch=self.ignore_base_mismatch,
+        )
 
 
 def read_consolidated(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -137,14 +143,17 @@ def plan_sources(
             if key in info.layout.frozen:
                 where = _in_base(key, rebuilt, base)
                 if where is None:
-                    raise BaseModelError(f"the base model's weight files hold no {key}; --base-model is not the "
-                                         "architecture this run trained")
+                    raise BaseModelError(
+                        f"the base model's weight files hold no {key}; --base-model is not the "
+                        "architecture this run trained"
+                    )
                 diff = _chunked_difference(saved, key, readers[where[0]], where[1], resized.get(key), buffers)
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
-    accounting, from_base = _account(state, list(sources), info, rebuilt.resized_vocab, mismatched,
-                                     ignore_base_mismatch)
+    accounting, from_base = _account(
+        state, list(sources), info, rebuilt.resized_vocab, mismatched, ignore_base_mismatch
+    )
     for key in from_base:
         where = _in_base(key, rebuilt, base)
         if where is not None and (key not in resized or ".original_module." not in key):
@@ -157,11 +166,15 @@ def _place(state: dict, key: str, shape: list[int]) -> torch.Tensor:
     """The wrapper's tensor for a checkpoint key, which must exist and have the same shape."""
     target = state.get(key)
     if target is None:
-        raise CheckpointError(f"checkpoint param {key} has no place in the rebuilt model; is --base-model the "
-                              "architecture the run trained?")
+        raise CheckpointError(
+            f"checkpoint param {key} has no place in the rebuilt model; is --base-model the "
+            "architecture the run trained?"
+        )
     if list(target.shape) != shape:
-        raise BaseModelError(f"{key} is {shape} in the checkpoint but {list(target.shape)} in the base model; "
-                             "--base-model is not the model this run trained")
+        raise BaseModelError(
+            f"{key} is {shape} in the checkpoint but {list(target.shape)} in the base model; "
+            "--base-model is not the model this run trained"
+        )
     return target
 
 
@@ -184,8 +197,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: int | None,
-                        buffers: torch.Tensor) -> float | None:
+def _chunked_difference(
+    saved: Reader, key: str, base: Reader, name: str, rows: int | None, buffers: torch.Tensor
+) -> float | None:
     """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only), each
     side read into its row of ``buffers``."""
     worst = None
@@ -194,8 +208,11 @@ def _chunked_difference(saved: Reader, key: str, base: Reader, name: str, rows: 
             chunk = chunk[: max(0, rows - first)]
             if chunk.shape[0] == 0:
                 break
-        other = (base.get(name, slice(first, first + chunk.shape[0]), buffers[1]) if chunk.dim() > 1
-                 else base.get(name, into=buffers[1]))
+        other = (
+            base.get(name, slice(first, first + chunk.shape[0]), buffers[1])
+            if chunk.dim() > 1
+            else base.get(name, into=buffers[1])
+        )
         diff = _difference(chunk, other)
         if diff is not None:
             worst = max(worst or 0.0, diff)
@@ -210,8 +227,14 @@ def _in_base(key: str, rebuilt: RebuildResult, base: dict[str, str]) -> list[str
     return None
 
 
-def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: ResizedVocab | None,
-             mismatched: list[tuple[str, float]], ignore_base_mismatch: bool) -> tuple[LoadResult, list[str]]:
+def _account(
+    state: dict,
+    keys: list[str],
+    info: CheckpointInfo,
+    resized_vocab: ResizedVocab | None,
+    mismatched: list[tuple[str, float]],
+    ignore_base_mismatch: bool,
+) -> tuple[LoadResult, list[str]]:
     """The checks both load variants end with; returns their accounting and the keys left to the base."""
     frozen = info.layout.frozen
     if mismatched and not ignore_base_mismatch:
@@ -225,8 +248,10 @@ def _account(state: dict, keys: list[str], info: CheckpointInfo, resized_vocab: 
     loaded = {id(state[key]) for key in keys}
     from_base = sorted(k for k in state if id(state[k]) not in loaded and k not in info.layout.shared)
     if from_base and info.layout.frozen_source is not None:
-        raise BaseModelError(f"the base model has {len(from_base)} params the checkpoint saved no value for, e.g. "
-                             f"{from_base[0]}; --base-model is not the architecture this run trained")
+        raise BaseModelError(
+            f"the base model has {len(from_base)} params the checkpoint saved no value for, e.g. "
+            f"{from_base[0]}; --base-model is not the architecture this run trained"
+        )
     # Rows added to the vocabulary for training have no value in the base: the checkpoint must hold them
     # (a frozen copy only PEFT's unmerged forward would read, ``original_module``, may go without).
     resized = _resized_keys(state, resized_vocab)
@@ -250,5 +275,8 @@ def _resized_keys(state: dict, resized_vocab: ResizedVocab | None) -> dict[str, 
     if not resized_vocab:
         return {}
     prefixes = tuple(f"{names.PEFT_PREFIX}{module}." for module in resized_vocab.modules)
-    return {k: resized_vocab.base_rows for k, t in state.items()
-            if k.startswith(prefixes) and t.dim() > 0 and t.shape[0] == resized_vocab.rows}
+    return {
+        k: resized_vocab.base_rows
+        for k, t in state.items()
+        if k.startswith(prefixes) and t.dim() > 0 and t.shape[0] == resized_vocab.rows
+    }

@@ -63,8 +63,18 @@ class Merge(Stage[MergeResult]):
     name = "merge"
     result_type = MergeResult
 
-    def __init__(self, info: CheckpointInfo, rebuild: Rebuild, load: Load, work_dir: Path, *, form: OutputForm | None,
-                 helpers: Helpers | None, hashes: FileHashes, block_bytes: int):
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        rebuild: Rebuild,
+        load: Load,
+        work_dir: Path,
+        *,
+        form: OutputForm | None,
+        helpers: Helpers | None,
+        hashes: FileHashes,
+        block_bytes: int,
+    ):
         self.info, self.rebuild, self.load, self.work_dir = info, rebuild, load, work_dir
         self.form, self.helpers, self.hashes, self.block_bytes = form, helpers, hashes, block_bytes
         self.merged = work_dir / names.MERGED
@@ -84,8 +94,15 @@ class Merge(Stage[MergeResult]):
         if self.form is None:
             return merge(model, self.work_dir)
         fresh_dir(self.staged)
-        task = ShardTask(self.info, self.load.result.sources, str(self.staged), self.form.dtype,
-                         self.form.max_shard_size, self.form.device, self.block_bytes)
+        task = ShardTask(
+            self.info,
+            self.load.result.sources,
+            str(self.staged),
+            self.form.dtype,
+            self.form.max_shard_size,
+            self.form.device,
+            self.block_bytes,
+        )
         result = merge_streaming(model, task, helpers=self.helpers, hashes=self.hashes)
         shutil.rmtree(self.merged, ignore_errors=True)
         replace_dir(self.staged, self.merged)
@@ -148,8 +165,16 @@ def merge_streaming(model: Any, task: ShardTask, *, helpers: Helpers | None, has
     mine, *theirs = deal(sizes, 1 + (helpers.size if helpers else 0))
     pending = helpers.start([dataclasses.replace(task, shards=share) for share in theirs]) if helpers else list
     try:
-        worst = write_shards(plan, mine, task.info.adapter_name, task.sources, Path(task.staged),
-                             flush=hashes.flush_later, device=task.device, block_bytes=task.block_bytes)
+        worst = write_shards(
+            plan,
+            mine,
+            task.info.adapter_name,
+            task.sources,
+            Path(task.staged),
+            flush=hashes.flush_later,
+            device=task.device,
+            block_bytes=task.block_bytes,
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             pending()  # let the helpers finish before stopping: none is left waiting
@@ -157,5 +182,9 @@ def merge_streaming(model: Any, task: ShardTask, *, helpers: Helpers | None, has
     worst = functools.reduce(lambda a, b: a.worse(b), pending(), worst)
     write_index(plan, Path(task.staged))
     write_configs(plan.final, Path(task.staged), TORCH_DTYPES[task.dtype], task.info.base_model)
-    return MergeResult(parity=worst, layers=len(plan.layers), files=len(sizes),
-                       processes=len([share for share in (mine, *theirs) if share]))
+    return MergeResult(
+        parity=worst,
+        layers=len(plan.layers),
+        files=len(sizes),
+        processes=len([share for share in (mine, *theirs) if share]),
+    )

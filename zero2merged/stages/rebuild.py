@@ -93,17 +93,23 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, Rebuil
     try:
         model = get_peft_model(base, config, adapter_name=info.adapter_name)
     except ValueError as e:  # e.g. the target modules are not in this model
-        raise BaseModelError(f"PEFT cannot apply the run's LoRA config to {type(base).__name__} from "
-                             f"{info.base_model} ({first_line(e).rstrip('.')}); is --base-model the model this run trained?") from e
+        raise BaseModelError(
+            f"PEFT cannot apply the run's LoRA config to {type(base).__name__} from "
+            f"{info.base_model} ({first_line(e).rstrip('.')}); is --base-model the model this run trained?"
+        ) from e
     _check_against_checkpoint(model, info)
-    base_keys = {key: names_in_base[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in names_in_base}
+    base_keys = {
+        key: names_in_base[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in names_in_base
+    }
     return model, RebuildResult(
         auto_class=auto_name,
         model_class=type(base).__name__,
         peft_class=type(model).__name__,
         base_model=info.base_model,
         base_dtype=base_dtype(base_cfg),
-        lora={key: info.lora_config.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")},
+        lora={
+            key: info.lora_config.get(key) for key in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
+        },
         resized_vocab=resized,
         base_keys=base_keys,
     )
@@ -149,8 +155,12 @@ def _check_against_checkpoint(model, info: CheckpointInfo) -> None:
         elif shapes[name] != shape:
             problems.append(f"{name} is {shape} in the checkpoint but {shapes[name]} with this adapter config")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    problems += [f"the adapter config adds {name}, which the checkpoint did not train" for name in trainable if name not in saved]
+    problems += [
+        f"the adapter config adds {name}, which the checkpoint did not train" for name in trainable if name not in saved
+    ]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AdapterConfigError(f"{info.adapter_config_path} does not match the checkpoint: {problems[0]}{more}; "
-                                 "pass the adapter_config.json the run was trained with (--adapter-config)")
+        raise AdapterConfigError(
+            f"{info.adapter_config_path} does not match the checkpoint: {problems[0]}{more}; "
+            "pass the adapter_config.json the run was trained with (--adapter-config)"
+        )

@@ -52,16 +52,30 @@ class Save(Stage[SaveResult]):
     name = "save"
     result_type = SaveResult
 
-    def __init__(self, info: CheckpointInfo, rebuilt: RebuildResult, merged: MergeResult, work_dir: Path,
-                 output: Path, *, dtype: str, max_shard_size: int, streaming: bool):
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        rebuilt: RebuildResult,
+        merged: MergeResult,
+        work_dir: Path,
+        output: Path,
+        *,
+        dtype: str,
+        max_shard_size: int,
+        streaming: bool,
+    ):
         self.info, self.rebuilt, self.merged, self.work_dir, self.output = info, rebuilt, merged, work_dir, output
         self.dtype, self.max_shard_size, self.streaming = dtype, max_shard_size, streaming
         self.tokenizer_sources = [info.checkpoint, info.base_model]  # the run's own tokenizer first
 
     def inputs(self) -> dict:
-        return {"output": str(self.output), "dtype": self.dtype, "max_shard_size": self.max_shard_size,
-                "tolerance": None if self.streaming else SAVE_TOLERANCES[self.dtype].to_dict(),
-                "tokenizer": [base_fingerprint(str(source)) for source in self.tokenizer_sources]}
+        return {
+            "output": str(self.output),
+            "dtype": self.dtype,
+            "max_shard_size": self.max_shard_size,
+            "tolerance": None if self.streaming else SAVE_TOLERANCES[self.dtype].to_dict(),
+            "tokenizer": [base_fingerprint(str(source)) for source in self.tokenizer_sources],
+        }
 
     def root(self, work_dir: Path) -> Path:
         return self.output
@@ -79,10 +93,23 @@ class Save(Stage[SaveResult]):
             return modelcard.render(self.info, dtype=self.dtype, merged=self.merged, save_parity=save_parity)
 
         if self.streaming:
-            return publish(self.work_dir, self.output, auto_class=self.rebuilt.auto_class, dtype=self.dtype,
-                           tokenizer_sources=self.tokenizer_sources, card=card)
-        return save(self.work_dir, self.output, auto_class=self.rebuilt.auto_class, dtype=self.dtype,
-                    max_shard_size=self.max_shard_size, tokenizer_sources=self.tokenizer_sources, card=card)
+            return publish(
+                self.work_dir,
+                self.output,
+                auto_class=self.rebuilt.auto_class,
+                dtype=self.dtype,
+                tokenizer_sources=self.tokenizer_sources,
+                card=card,
+            )
+        return save(
+            self.work_dir,
+            self.output,
+            auto_class=self.rebuilt.auto_class,
+            dtype=self.dtype,
+            max_shard_size=self.max_shard_size,
+            tokenizer_sources=self.tokenizer_sources,
+            card=card,
+        )
 
 
 def check_output_free(output: Path) -> None:
@@ -173,8 +200,14 @@ def publish(
 
 def _written(output: Path, dtype: str, tokenizer_from: str | None, parity: Parity | None) -> SaveResult:
     files = files_in(output)
-    return SaveResult(output=str(output), dtype=dtype, files=len(files), bytes=sum(f.stat().st_size for f in files),
-                      tokenizer_from=tokenizer_from, parity=parity)
+    return SaveResult(
+        output=str(output),
+        dtype=dtype,
+        files=len(files),
+        bytes=sum(f.stat().st_size for f in files),
+        tokenizer_from=tokenizer_from,
+        parity=parity,
+    )
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -220,14 +253,16 @@ def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
     return None
 
 
-def _check_reload(staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict,
-                  reference: torch.Tensor) -> Parity:
+def _check_reload(
+    staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict, reference: torch.Tensor
+) -> Parity:
     """Reload with the plain Auto class: no key missing or unexpected, every tensor identical, ties kept."""
     import transformers
 
     check_complete(staged, model)
-    reloaded, info = getattr(transformers, auto_class).from_pretrained(staged, dtype=dtype, output_loading_info=True,
-                                                                       trust_remote_code=False)
+    reloaded, info = getattr(transformers, auto_class).from_pretrained(
+        staged, dtype=dtype, output_loading_info=True, trust_remote_code=False
+    )
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise VerificationError(f"reloading {staged} with {auto_class} reported {problems or info['error_msgs']}")
@@ -241,6 +276,7 @@ def _check_reload(staged: Path, model, auto_class: str, dtype: torch.dtype, prob
 
 def _check_ties(expected: dict, got: dict, staged: Path) -> None:
     """Weights that share storage in the merged model share it after the reload too, and no others."""
+
     def groups(state):
         by_ptr: dict[int, set[str]] = {}
         for name, tensor in state.items():
@@ -248,4 +284,6 @@ def _check_ties(expected: dict, got: dict, staged: Path) -> None:
         return sorted(sorted(g) for g in by_ptr.values() if len(g) > 1)
 
     if groups(expected) != groups(got):
-        raise VerificationError(f"tied weights changed on reload from {staged}: {groups(expected)} became {groups(got)}")
+        raise VerificationError(
+            f"tied weights changed on reload from {staged}: {groups(expected)} became {groups(got)}"
+        )
