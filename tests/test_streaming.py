@@ -67,23 +67,33 @@ def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(
 ):
     """Linear layers merged in blocks of a few rows (at the fixtures' size a layer is one block) write what
     the in-memory path writes. Where a layer's bias and weight fall in different shards (BERT's, in 20 KB
-    shards), its merged rows are held until the weight's shard is written."""
-    first_rows, held = [], []
-    given, hold = layers.LayerMerger._weights_given, shards._hold
+    shards), the later shard is opened early and the merged rows written into it at once."""
+    first_rows, early = [], []
+    given, write, opened = layers.LayerMerger._weights_given, shards._ShardWriter.write, shards._ShardWriter._writer
 
     def weights_given(merger, path, layer):
         for first_row in given(merger, path, layer):
             first_rows.append(first_row)
             yield first_row
 
+    def write_shard(writer, shard, progress):
+        writer.turn = shard
+        return write(writer, shard, progress)
+
+    def writer_of(writer, shard):
+        if shard != writer.turn and shard not in writer.open:
+            early.append(shard)  # a later shard opened for rows made now
+        return opened(writer, shard)
+
     monkeypatch.setattr(layers.LayerMerger, "_weights_given", weights_given)
-    monkeypatch.setattr(shards, "_hold", lambda *args: held.append(args[2]) or hold(*args))
+    monkeypatch.setattr(shards._ShardWriter, "write", write_shard)
+    monkeypatch.setattr(shards._ShardWriter, "_writer", writer_of)
     fixture = trained(name)
     convert_fixture(
         fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype, tuning=Tuning(block_bytes=1024)
     )
     assert any(first_rows)  # a layer was given a block that does not start at its first row
-    assert bool(held) == (name == "bert-features-z3")
+    assert bool(early) == (name == "bert-features-z3")
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size=max_shard_size, dtype=dtype, in_memory=True)
     _assert_identical(tmp_path / "blocks", tmp_path / "in-memory")
 

@@ -133,6 +133,11 @@ def describe(lora: dict, keys: AdapterKeys) -> list[str]:
             traits.append(f"{pattern}: {lora[pattern]}")
     if keys.embeddings:
         traits.append(f"LoRA on embeddings: {', '.join(sorted(keys.embeddings))}")
+    if lora.get("target_parameters"):
+        traits.append(
+            f"LoRA on parameters (target_parameters): {', '.join(lora['target_parameters'])}; fused "
+            "experts are merged a block of experts at a time"
+        )
     if keys.modules_to_save:
         traits.append(f"trained in full (modules_to_save): {', '.join(keys.modules_to_save)}")
     if lora.get("fan_in_fan_out"):

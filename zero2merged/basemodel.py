@@ -26,6 +26,7 @@ TASK_AUTO_CLASSES = {
 AUTO_CLASS_MAPPINGS = [
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
     ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
     ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
@@ -62,17 +63,67 @@ def base_dtype(config) -> str:
 
 def auto_class_name(lora: dict, config) -> str:
     """The Auto class that builds the base: from the LoRA task type, else from the base's architecture."""
-    task = lora.get("task_type")
-    if task in TASK_AUTO_CLASSES:
-        return TASK_AUTO_CLASSES[task]
+    return auto_class_names(lora, config)[0]
+
+
+def auto_class_names(lora: dict, config) -> list[str]:
+    """The Auto classes that may have built the model a run trained, most likely first: the LoRA task
+    type's, then each whose mapping lists the base's architecture (PEFT's task types predate vision-language
+    models: a run on one says ``CAUSAL_LM``), then ``AutoModel``."""
     from transformers.models.auto import modeling_auto
 
+    names = [TASK_AUTO_CLASSES[lora["task_type"]]] if lora.get("task_type") in TASK_AUTO_CLASSES else []
     arch = (lora.get("auto_mapping") or {}).get("base_model_class") or (config.architectures or [None])[0]
     for auto_name, mapping_name in AUTO_CLASS_MAPPINGS:
         classes = getattr(modeling_auto, mapping_name, {}).values()
         if any(arch == c or (isinstance(c, tuple) and arch in c) for c in classes):
-            return auto_name
-    return "AutoModel"
+            names.append(auto_name)
+    return list(dict.fromkeys([*names, "AutoModel"]))
+
+
+def trained_modules(trained: list[str]) -> set[str]:
+    """The base's modules a run's trained keys belong to (PEFT's prefix and its own parts cut off)."""
+    found = set()
+    for key in trained:
+        parts = key.removeprefix(names.PEFT_PREFIX).split(".")
+        cut = next((i for i, part in enumerate(parts) if part in PEFT_PARTS), len(parts) - 1)
+        found.add(".".join(parts[:cut]))
+    return found
+
+
+PEFT_PARTS = {
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "base_layer",
+    "modules_to_save",
+    "original_module",
+}
+
+
+def choose_base(lora: dict, config, trained: list[str]):
+    """The Auto class whose model (built on the meta device) has every module the run's trained keys name,
+    and that model; the most likely one's if none has (the mismatch is then reported by rebuild).
+
+    Returns:
+        ``(Auto class name, meta model)``.
+    """
+    wanted, first = trained_modules(trained), None
+    for auto_name in auto_class_names(lora, config):
+        try:
+            model = meta_model(auto_name, config)
+        except (ValueError, KeyError):  # this Auto class does not build this config
+            continue
+        if wanted <= {name for name, _ in model.named_modules()}:
+            return auto_name, model
+        first = first or (auto_name, model)
+    if first is None:
+        raise BaseModelError(
+            f"no transformers Auto class builds {type(config).__name__}; is --base-model a transformers model?"
+        )
+    return first
 
 
 def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
@@ -100,14 +151,9 @@ def base_dir(base_model: str) -> Path:
         ) from e
 
 
-def base_weights(base_model: str) -> dict[str, str]:
-    """Tensor name -> safetensors file, over the base's weight files (headers only)."""
-    from zero2merged.safetensors_io import Reader
-
-    found = {}
-    for file in sorted(base_dir(base_model).glob("*.safetensors")):
-        found.update({name: str(file) for name in Reader(file).keys()})
-    return found
+def base_files(base_model: str) -> list[Path]:
+    """The base's safetensors weight files."""
+    return sorted(base_dir(base_model).glob("*.safetensors"))
 
 
 def meta_model(auto_name: str, config):

@@ -1,7 +1,9 @@
 """Checks on a folder written by ``save_pretrained``: every weight of the model is in it, nothing else.
 
-``save_pretrained`` writes tied weights once (the other name is re-tied on load), so a name missing from
-the files is fine only when its tensor shares storage with one that was written.
+The files are read as ``from_pretrained`` reads them, through the model's conversion mapping (their names
+and shapes may differ from the modules': :mod:`zero2merged.layouts`). ``save_pretrained`` writes tied weights
+once (the other name is re-tied on load), so a weight missing from the files is fine only when its tensor
+shares storage with one that was written.
 """
 
 from __future__ import annotations
@@ -9,37 +11,48 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from safetensors import safe_open
+import torch
 
 from zero2merged.errors import VerificationError
 from zero2merged.manifest import fsync_dir
 
 
-def saved_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape over all safetensors files of a folder (headers only)."""
-    shapes = {}
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensor name -> its dtype and shape (a meta tensor), over all safetensors files of a folder (headers)."""
+    from zero2merged.safetensors_io import Reader
+
+    found = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = list(f.get_slice(name).get_shape())
-    return shapes
+        reader = Reader(file)
+        found.update({n: torch.empty(reader.shape(n), dtype=reader.dtype(n), device="meta") for n in reader.keys()})
+    return found
 
 
-def check_complete(folder: Path, model) -> None:
-    """Raise unless ``folder`` holds every weight of ``model`` (tied ones once) with its shape."""
-    saved = saved_shapes(folder)
+def check_complete(folder: Path, model: Any) -> dict[str, Any]:
+    """Raise unless the files in ``folder`` load into every weight of ``model`` (tied ones written once)
+    with its shape, and into nothing else.
+
+    Returns:
+        Module name -> the :class:`~zero2merged.layouts.Group` of files' tensors it loads from.
+    """
+    from zero2merged.layouts import Layout
+
     state = model.state_dict(keep_vars=True)  # tied weights are one object under several names
-    extra = sorted(set(saved) - set(state))
+    loaded = Layout(model, list(state)).loading(saved_tensors(folder))
+    extra = sorted(loaded[name].sources[0] for name in set(loaded) - set(state))
     if extra:
         raise VerificationError(f"{folder} holds {len(extra)} tensors the model does not have, e.g. {extra[0]}")
-    written = {id(state[name]) for name in saved}
+    written = {id(state[name]) for name in loaded}
     for name, tensor in state.items():
-        if name in saved:
-            if saved[name] != list(tensor.shape):
-                raise VerificationError(f"{folder}: {name} was written as {saved[name]}, not {list(tensor.shape)}")
+        if name in loaded:
+            shape = list(loaded[name].targets[name].shape)
+            if shape != list(tensor.shape):
+                raise VerificationError(f"{folder}: {name} was written as {shape}, not {list(tensor.shape)}")
         elif id(tensor) not in written:
             raise VerificationError(f"{folder} lacks {name}, and it is not tied to a written weight")
+    return loaded
 
 
 def files_in(folder: Path) -> list[Path]:

@@ -1,11 +1,12 @@
 """The merged model's files, laid out as ``save_pretrained`` lays them out, and written a shard at a time.
 
-:func:`plan_shards` decides on the meta device what every file holds: names, dtypes, shapes, the split
-into shards, and for each tensor how it is made (merged by a LoRA layer, or copied from where stage 4
-found it). :func:`write_shards` writes any share of the shards (every process computes the same plan),
-merging each LoRA layer with :class:`~zero2merged.layers.LayerMerger` on the way; :func:`write_index` and
-:func:`write_configs` add what ``save_pretrained`` writes beside them. A test holds the files identical to
-``save_pretrained``'s.
+:func:`plan_shards` decides on the meta device what the files hold: the merged model's tensors, how each is
+made (merged by a LoRA layer, or copied from where stage 4 found it), and how ``save_pretrained`` turns them
+into the files' tensors (names, dtypes, shapes, through the model's conversion mapping:
+:mod:`zero2merged.layouts`) and splits those into shards. :func:`write_shards` writes any share of the shards
+(every process computes the same plan), merging each LoRA layer with :class:`~zero2merged.layers.LayerMerger`
+on the way; :func:`write_index` and :func:`write_configs` add what ``save_pretrained`` writes beside them. A
+test holds the files identical to ``save_pretrained``'s.
 """
 
 from __future__ import annotations
@@ -22,23 +23,24 @@ import torch
 
 from zero2merged import names
 from zero2merged.basemodel import base_dir, saved_dtypes
-from zero2merged.errors import StreamingUnsupported, VerificationError
-from zero2merged.layers import LayerMerger
+from zero2merged.errors import VerificationError
+from zero2merged.layers import LayerMerger, wrapped_params
+from zero2merged.layouts import Group, Layout, read_base
 from zero2merged.options import Tuning
 from zero2merged.progress import Progress
-from zero2merged.results import Parity
+from zero2merged.results import Parity, RebuildResult
 from zero2merged.runtime import core_left_for_flushing
 from zero2merged.safetensors_io import Readers, Writer
 
 
 @dataclass
 class Planned:
-    """How one tensor of the merged model's files is made.
+    """How one tensor of the merged model (as its modules hold it) is made.
 
     Attributes:
-        meta: Its dtype and shape in the output (a meta tensor).
-        layer: The LoRA layer (wrapper path) whose merge gives it, with ``param``, the base layer's param it
-            is; None for a tensor copied as it is.
+        meta: Its dtype (the output's) and shape, as a meta tensor.
+        layer: The LoRA layer (wrapper path) whose merge gives it, with ``param``, the wrapped param it is;
+            None for a tensor copied as it is.
         param: See ``layer``.
         keys: The wrapper keys it is known by (several when tied): a copy reads the first stage 4 has a
             source for.
@@ -49,10 +51,6 @@ class Planned:
     param: str | None = None
     keys: list[str] = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        return self.meta.numel() * self.meta.element_size()
-
 
 @dataclass
 class ShardPlan:
@@ -60,63 +58,74 @@ class ShardPlan:
 
     Attributes:
         final: The merged model's module tree (``unload`` of the wrapper: nothing computed).
-        tensors: Output name -> how it is made, for every weight written (tied ones once), in
-            ``save_pretrained``'s order.
-        split: The shards, as ``save_pretrained`` splits them (huggingface_hub's ``StateDictSplit``).
+        tensors: The merged model's tensors (module names, tied ones once) -> how each is made.
+        files: The files' tensors (names, output dtype and shape, as meta tensors), in ``save_pretrained``'s
+            order.
+        groups: What makes the files' tensors from the model's (one each, unless the layout converts them).
+        split: The shards, as ``save_pretrained`` splits ``files`` (huggingface_hub's ``StateDictSplit``).
         layers: LoRA layer path -> the layer (in the wrapper), for the layers whose merge writes weights.
+        layout: The model's conversion mapping.
+        readers: Where stage 4's sources are read: the consolidated store, and the base model's folder (read
+            in the model's layout).
     """
 
     final: Any
     tensors: dict[str, Planned]
+    files: dict[str, torch.Tensor]
+    groups: list[Group]
     split: Any
     layers: dict[str, Any]
-
-    def shard_bytes(self, shard: str) -> int:
-        return sum(self.tensors[name].nbytes for name in self.split.filename_to_tensors[shard])
-
-    def written_as(self, layer: str, param: str) -> str | None:
-        """The output name of a LoRA layer's merged base param (None: not written, e.g. tied to another)."""
-        return self._written_as.get((layer, param))
+    layout: Layout
+    readers: Readers
 
     def __post_init__(self) -> None:
-        self._written_as = {(p.layer, p.param): name for name, p in self.tensors.items() if p.layer is not None}
+        self.making = {name: group for group in self.groups for name in group.targets}  # file tensor -> group
+        self.made_into = {name: group for group in self.groups for name in group.sources}  # model tensor -> group
+        self.merged_into = {(p.layer, p.param): name for name, p in self.tensors.items() if p.layer is not None}
+
+    def shard_bytes(self, shard: str) -> int:
+        return sum(_nbytes(self.files[name]) for name in self.split.filename_to_tensors[shard])
 
 
-def plan_shards(model: Any, dtype: torch.dtype, max_shard_size: int) -> ShardPlan:
-    """Unload the (meta) wrapper and lay out the merged model's files as ``save_pretrained`` would."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def plan_shards(model: Any, rebuilt: RebuildResult, dtype: torch.dtype, max_shard_size: int) -> ShardPlan:
+    """Unload the (meta) wrapper and lay out the merged model's files as ``save_pretrained`` would, after
+    ``from_pretrained`` of the base's files.
+
+    Args:
+        model: The PEFT wrapper, on the meta device.
+        rebuilt: Stage 3's result (the base's names for the wrapper's tensors).
+        dtype: The output dtype of floating-point weights.
+        max_shard_size: The largest shard, in bytes.
+    """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    base = read_base(model, rebuilt)  # reading the base's files marks the transforms they use, as loading does
+    readers = Readers()
+    readers[base.folder] = base
     model.eval()
     # The wrapper's tensors survive ``unload`` as the same objects under the merged model's names: identity
-    # leads from each output name back to its wrapper keys, and to the LoRA layer that merges it.
+    # leads from each merged tensor back to its wrapper keys, and to the LoRA layer that merges it.
     keys_of: dict[int, list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
         keys_of.setdefault(id(tensor), []).append(key)
     merged_by: dict[int, tuple[str, str]] = {}
     layers = {}
-    for path, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
-            for name, param in module.get_base_layer().named_parameters(recurse=False):
-                merged_by[id(param)] = (path, name)
-                layers[path] = module
+    for path, layer, params in wrapped_params(model):
+        for name, param in params.items():
+            merged_by[id(param)] = (path, name)
+            layers[path] = layer
     final = model.unload()
     _untie_if_diverged(final)
     state = final.state_dict(keep_vars=True)
-    saved = _as_saved(final, remove_tied_weights_from_state_dict(dict(state), final))
     dtype_of = saved_dtypes(final, dtype)
     tensors = {}
-    for name, tensor in saved.items():
+    for name, tensor in remove_tied_weights_from_state_dict(dict(state), final).items():
         meta = tensor.to("meta", dtype=dtype_of(name) if tensor.is_floating_point() else tensor.dtype)
         layer, param = merged_by.get(id(state[name]), (None, None))
         tensors[name] = Planned(meta, layer, param, keys_of.get(id(state[name]), []))
-    split = split_torch_state_dict_into_shards(
-        {name: p.meta for name, p in tensors.items()},
-        filename_pattern=names.WEIGHTS_PATTERN,
-        max_shard_size=max_shard_size,
-    )
-    return ShardPlan(final, tensors, split, layers)
+    saved = base.layout.saving({name: planned.meta for name, planned in tensors.items()})
+    split = saved.split(names.WEIGHTS_PATTERN, max_shard_size)
+    return ShardPlan(final, tensors, saved.files, saved.groups, split, layers, base.layout, readers)
 
 
 def deal(sizes: dict[str, int], count: int) -> list[list[str]]:
@@ -150,7 +159,7 @@ def write_shards(
         plan: The files' plan.
         shards: The shards to write (a share of ``plan``'s).
         adapter: The adapter's name.
-        sources: Stage 4's plan: wrapper key -> ``[file, name in it]``.
+        sources: Stage 4's plan: wrapper key -> ``[file or base model folder, name in it]``.
         staged: The folder to write into.
         flush: Flushes a written shard to disk in the background (and, in the process that records the
             manifest, hashes it): :meth:`~zero2merged.manifest.FileHashes.flush_later`.
@@ -163,11 +172,11 @@ def write_shards(
     Raises:
         VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
     """
-    writer = _ShardWriter(plan, shards, LayerMerger(adapter, sources, device, block_bytes), sources)
+    writer = _ShardWriter(plan, shards, LayerMerger(adapter, sources, device, plan.readers, block_bytes), staged)
     flushed = []
     with core_left_for_flushing(), Progress("merge", sum(map(plan.shard_bytes, shards)), len(writer.mine)) as progress:
         for shard in shards:
-            writer.write(staged / shard, progress)
+            writer.write(shard, progress)
             flushed.append(flush(staged / shard))  # meanwhile, on the other core
     for done in flushed:
         done.result()  # on disk; or the error (a full disk, say) raised here, in the stage
@@ -175,42 +184,96 @@ def write_shards(
 
 
 class _ShardWriter:
-    """Writes shards of a plan one after another; a LoRA layer's merged rows go straight into the open
-    shard, or are held until the (later) shard holding them is written."""
+    """Writes a share of the shards. Each tensor is written the moment it is made, into whichever of this
+    share's shards holds it (a shard is opened early if need be, and closed, complete, in its turn), so no
+    merged weight waits in memory for its shard: only the tensors a conversion needs together do.
 
-    def __init__(self, plan: ShardPlan, shards: list[str], merger: LayerMerger, sources: dict[str, list[str]]):
-        self.plan, self.merger, self.sources = plan, merger, sources
-        self.mine = {name for shard in shards for name in plan.split.filename_to_tensors[shard]}
-        self.held: dict[str, torch.Tensor] = {}
+    A LoRA layer's merged rows go to the group that makes file tensors from them: straight into the file when
+    the layout keeps the tensor as it is, a block of experts at a time through the conversion where experts
+    are fused, or gathered whole for any other conversion.
+    """
 
-    def write(self, path: Path, progress: Progress) -> None:
-        tensor_names = self.plan.split.filename_to_tensors[path.name]
-        specs = {
-            name: (self.plan.tensors[name].meta.dtype, list(self.plan.tensors[name].meta.shape))
-            for name in tensor_names
-        }
-        with Writer(path, specs, {"format": "pt"}, sync=False) as out:
-            for name in tensor_names:
-                planned = self.plan.tensors[name]
-                progress.update(planned.nbytes, tensor_done=True)
-                if planned.layer is None:
-                    source = next(self.sources[key] for key in planned.keys if key in self.sources)
-                    _copy(out, name, source, planned.meta.dtype, self.merger.readers)
-                    continue
-                if planned.layer not in self.merger.merged:
-                    self._merge(planned.layer, out)
-                if name in self.held:
-                    out.write(name, self.held.pop(name))
+    def __init__(self, plan: ShardPlan, shards: list[str], merger: LayerMerger, staged: Path):
+        self.plan, self.merger, self.staged = plan, merger, staged
+        self.shard_of = {name: shard for shard in shards for name in plan.split.filename_to_tensors[shard]}
+        self.mine = set(self.shard_of)
+        self.open: dict[str, Writer] = {}
+        self.made: set[int] = set()  # groups made (or being made)
+        self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # a conversion's inputs, whole, as they come
 
-    def _merge(self, layer: str, out: Writer) -> None:
-        """Merge a LoRA layer; its rows are written where their tensor's file is open, else held."""
-        for param, first_row, rows in self.merger.merge(layer, self.plan.layers[layer]):
-            target = self.plan.written_as(layer, param)
-            if target in out.specs:  # its file is open: written as it comes
-                meta = self.plan.tensors[target].meta
-                out.write(target, _cast(rows, meta.dtype, target), first_row * _row_bytes(meta))
-            elif target in self.mine:
-                _hold(self.held, self.plan.tensors[target].meta, target, first_row, rows)
+    def write(self, shard: str, progress: Progress) -> None:
+        """Make every tensor of ``shard`` (and whatever is made with them), then close it."""
+        for name in self.plan.split.filename_to_tensors[shard]:
+            self._make(self.plan.making[name])
+            progress.update(_nbytes(self.plan.files[name]), tensor_done=True)
+        self._writer(shard).close()
+        del self.open[shard]
+
+    def _writer(self, shard: str) -> Writer:
+        if shard not in self.open:
+            tensors = self.plan.split.filename_to_tensors[shard]
+            specs = {name: (self.plan.files[name].dtype, list(self.plan.files[name].shape)) for name in tensors}
+            self.open[shard] = Writer(self.staged / shard, specs, {"format": "pt"}, sync=False)
+        return self.open[shard]
+
+    def _make(self, group: Group) -> None:
+        """Make a group's file tensors: merge the LoRA layers its inputs come from (what they merge goes where
+        it belongs), copy the other inputs."""
+        if id(group) in self.made:
+            return
+        self.made.add(id(group))
+        for name in group.sources:
+            planned = self.plan.tensors[name]
+            if planned.layer is None:
+                self._copy_in(name, group)
+            elif planned.layer not in self.merger.merged:
+                for param, first, rows in self.merger.merge(planned.layer, self.plan.layers[planned.layer]):
+                    self._deliver(self.plan.merged_into[planned.layer, param], first, rows)
+
+    def _deliver(self, name: str, first: int, rows: torch.Tensor) -> None:
+        """Rows of a merged model tensor (from row ``first`` on) into the file tensors made from them."""
+        group, meta = self.plan.made_into[name], self.plan.tensors[name].meta
+        rows = _cast(rows, meta.dtype, name)
+        if group.transform is None:
+            self._put(group.key, rows, first * _row_bytes(meta))
+        elif group.experts:
+            for target, tensor in group.convert({name: rows}, self.plan.layout.model, first_expert=first).items():
+                self._put(target, tensor)
+        else:
+            gathered = self.gathered.setdefault(id(group), {})
+            whole = gathered.setdefault(name, torch.empty(meta.shape, dtype=meta.dtype))
+            whole[first : first + rows.shape[0]] = rows
+            if first + rows.shape[0] == meta.shape[0] and set(gathered) == set(group.sources):
+                for target, tensor in group.convert(self.gathered.pop(id(group)), self.plan.layout.model).items():
+                    self._put(target, tensor)
+
+    def _copy_in(self, name: str, group: Group) -> None:
+        """A model tensor no LoRA layer merges, from its source: file to file where it is written as it is
+        stored, else a chunk of rows at a time (an expert at a time where the layout fuses them; whole for
+        any other conversion)."""
+        planned = self.plan.tensors[name]
+        file, key = next(self.merger.sources[k] for k in planned.keys if k in self.merger.sources)
+        reader = self.merger.readers[file]
+        if group.transform is None:
+            ranges = reader.ranges(key) if reader.dtype(key) == planned.meta.dtype else None
+            if ranges is None:
+                for first, rows in reader.chunks(key):
+                    self._deliver(name, first, rows)
+                return
+            start, writer = 0, self._writer(self.shard_of[group.key])
+            for path, offset, nbytes in ranges:
+                writer.copy(group.key, path, offset, nbytes, start)
+                start += nbytes
+        elif group.experts:
+            for first in range(planned.meta.shape[0]):
+                self._deliver(name, first, reader.get(key, slice(first, first + 1)))
+        else:
+            self._deliver(name, 0, reader.get(key))
+
+    def _put(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write (rows of) a file tensor, if it is in this share."""
+        if name in self.mine:
+            self._writer(self.shard_of[name]).write(name, tensor, start)
 
 
 def write_index(plan: ShardPlan, staged: Path) -> None:
@@ -238,25 +301,6 @@ def write_configs(model: Any, staged: Path, dtype: torch.dtype, base_model: str)
         generation.save_pretrained(staged)
 
 
-def _as_saved(model: Any, state: dict) -> dict:
-    """The state dict in the order ``save_pretrained`` shards it, for models saved under their module names.
-
-    transformers saves a loaded model through ``revert_weight_conversion``, which orders the keys by
-    ``dot_natural_key`` (and renames them for architectures with a conversion mapping: those are refused,
-    since renaming and fusing weights needs them all in memory).
-    """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, dot_natural_key
-
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    if conversions:
-        raise StreamingUnsupported(
-            f"transformers saves {type(model).__name__} in a layout other than its modules "
-            "(a weight conversion mapping); convert it with --in-memory"
-        )
-    return dict(sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])))
-
-
 def _untie_if_diverged(model: Any) -> None:
     """Training a tied embedding apart (``modules_to_save``) unties it: say so in the config, as PEFT's
     ``merge_and_unload`` does. (PEFT compares storage addresses, which the meta device does not have.)"""
@@ -265,20 +309,6 @@ def _untie_if_diverged(model: Any) -> None:
     if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
         if outputs.weight is not inputs.weight:
             config.tie_word_embeddings = False
-
-
-def _copy(writer: Writer, name: str, source: list[str], dtype: torch.dtype, readers: Readers) -> None:
-    """Copy a weight from its source: file to file when its dtype stays, else a chunk of rows at a time, cast."""
-    reader = readers[source[0]]
-    if reader.dtype(source[1]) == dtype:
-        start = 0
-        for file, offset, nbytes in reader.ranges(source[1]):
-            writer.copy(name, file, offset, nbytes, start)
-            start += nbytes
-        return
-    for first, rows in reader.chunks(source[1]):
-        piece = _cast(rows, dtype, name)
-        writer.write(name, piece, first * _row_bytes(piece))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -296,8 +326,5 @@ def _row_bytes(tensor: torch.Tensor) -> int:
     return math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
 
 
-def _hold(held: dict[str, torch.Tensor], meta: torch.Tensor, name: str, first_row: int, rows: torch.Tensor) -> None:
-    """Keep merged rows of ``name`` (cast) in a whole tensor until the shard holding it is written."""
-    if name not in held:
-        held[name] = torch.empty(meta.shape, dtype=meta.dtype)
-    held[name][first_row : first_row + rows.shape[0]] = _cast(rows, meta.dtype, name)
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

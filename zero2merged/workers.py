@@ -53,8 +53,8 @@ def write_share(task: ShardTask) -> Parity:
     from zero2merged.shards import plan_shards, write_shards
     from zero2merged.stages.rebuild import rebuild
 
-    model, _ = rebuild(task.info, on_meta=True)
-    plan = plan_shards(model, TORCH_DTYPES[task.dtype], task.max_shard_size)
+    model, rebuilt = rebuild(task.info, on_meta=True)
+    plan = plan_shards(model, rebuilt, TORCH_DTYPES[task.dtype], task.max_shard_size)
     with FileHashes() as hashes:  # flushed, not hashed: only the process recording the manifest hashes
         return write_shards(
             plan,

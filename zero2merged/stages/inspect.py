@@ -178,22 +178,25 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
 
     Returns (features, warnings); a base that cannot be read is a warning here (convert will stop on it).
     """
-    from zero2merged.basemodel import (
-        auto_class_name,
-        base_config,
-        checkpoint_vocab,
-        embedding_modules,
-        meta_model,
-    )
+    from zero2merged.basemodel import base_config, checkpoint_vocab, choose_base, embedding_modules
+    from zero2merged.layouts import describe as describe_layout
 
     try:
         config = base_config(base)
-        model = meta_model(auto_class_name(lora, config), config)
+        auto_name, model = choose_base(lora, config, list(layout.trainable_shapes))
     except Zero2MergedError as e:
         return [], [f"base model not examined: {e}"]
     except Exception as e:  # noqa: BLE001 - a model class that cannot be built on the meta device
         return [], [f"base model not examined: {type(e).__name__}: {e}"]
     features = []
+    if auto_name == "AutoModelForImageTextToText":
+        features.append(f"vision-language model ({type(model).__name__}), built with {auto_name}")
+    conversions = describe_layout(model)
+    if conversions:
+        features.append(
+            f"saved in a layout other than its modules' ({type(model).__name__}, transformers' weight "
+            f"conversion mapping): {'; '.join(conversions)}"
+        )
     shapes = {**layout.trainable_shapes, **layout.frozen}
     modules = embedding_modules(model)
     base_rows = model.get_input_embeddings().weight.shape[0]

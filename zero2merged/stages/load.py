@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from zero2merged import names
-from zero2merged.basemodel import base_weights
 from zero2merged.errors import BaseModelError, CheckpointError
+from zero2merged.layouts import BaseWeights, read_base
 from zero2merged.progress import Progress
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
-from zero2merged.safetensors_io import CHUNK_BYTES, Reader, Readers
+from zero2merged.safetensors_io import CHUNK_BYTES, Reader
 from zero2merged.stages.rebuild import Rebuild
 
 
@@ -122,16 +122,17 @@ def plan_sources(
     """Stage 4 (streaming): where every weight of ``model`` (the wrapper, on the meta device) comes from.
 
     The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
-    compared with the base's a chunk at a time.
+    compared with the base's a chunk at a time. The base's files are read in the model's layout (through
+    its conversion mapping, where transformers has one for it).
 
     Returns:
-        The accounting, with ``sources``: wrapper key -> ``[file, name in that file]``.
+        The accounting, with ``sources``: wrapper key -> ``[file, name in that file]``, where the file is the
+        consolidated store or the base model's folder (read in the model's layout).
     """
     state = model.state_dict(keep_vars=True)
     resized = _resized_keys(state, rebuilt.resized_vocab)
-    readers = Readers()
-    saved = readers[str(consolidated)]
-    base = base_weights(info.base_model)
+    saved = Reader(consolidated)
+    base = read_base(model, rebuilt)
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
     frozen = [key for key in saved.keys() if key in info.layout.frozen]
@@ -147,7 +148,7 @@ def plan_sources(
                         f"the base model's weight files hold no {key}; --base-model is not the "
                         "architecture this run trained"
                     )
-                diff = _chunked_difference(saved, key, readers[where[0]], where[1], resized.get(key), buffers)
+                diff = _chunked_difference(saved, key, base, where[1], resized.get(key), buffers)
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
@@ -198,7 +199,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _chunked_difference(
-    saved: Reader, key: str, base: Reader, name: str, rows: int | None, buffers: torch.Tensor
+    saved: Reader, key: str, base: BaseWeights, name: str, rows: int | None, buffers: torch.Tensor
 ) -> float | None:
     """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only), each
     side read into its row of ``buffers``."""
@@ -219,11 +220,12 @@ def _chunked_difference(
     return worst
 
 
-def _in_base(key: str, rebuilt: RebuildResult, base: dict[str, str]) -> list[str] | None:
-    """``[file, name]`` of a wrapper key in the base's weight files (a tied weight is saved under one name)."""
+def _in_base(key: str, rebuilt: RebuildResult, base: BaseWeights) -> list[str] | None:
+    """``[base folder, name]`` of a wrapper key among the base's weights (a tied weight is saved under one
+    name)."""
     for name in rebuilt.base_keys.get(key, []):
         if name in base:
-            return [base[name], name]
+            return [base.folder, name]
     return None
 
 

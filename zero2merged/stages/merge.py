@@ -25,7 +25,7 @@ from zero2merged.errors import VerificationError
 from zero2merged.manifest import FileHashes, replacing
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
-from zero2merged.results import CheckpointInfo, MergeResult
+from zero2merged.results import CheckpointInfo, MergeResult, RebuildResult
 from zero2merged.runner import Stage
 from zero2merged.shards import deal, plan_shards, write_configs, write_index, write_shards
 from zero2merged.stages.load import Load
@@ -103,7 +103,7 @@ class Merge(Stage[MergeResult]):
             self.form.device,
             self.block_bytes,
         )
-        result = merge_streaming(model, task, helpers=self.helpers, hashes=self.hashes)
+        result = merge_streaming(model, self.rebuild.result, task, helpers=self.helpers, hashes=self.hashes)
         shutil.rmtree(self.merged, ignore_errors=True)
         replace_dir(self.staged, self.merged)
         return result
@@ -142,7 +142,9 @@ def merge(model: Any, work_dir: Path) -> MergeResult:
     return MergeResult(parity=parity)
 
 
-def merge_streaming(model: Any, task: ShardTask, *, helpers: Helpers | None, hashes: FileHashes) -> MergeResult:
+def merge_streaming(
+    model: Any, rebuilt: RebuildResult, task: ShardTask, *, helpers: Helpers | None, hashes: FileHashes
+) -> MergeResult:
     """Stage 5 (streaming): merge one LoRA layer at a time and write the merged weights as they come.
 
     ``model`` is the PEFT wrapper on the meta device. Each LoRA layer is given its weights (fp32; a linear
@@ -153,6 +155,7 @@ def merge_streaming(model: Any, task: ShardTask, *, helpers: Helpers | None, has
 
     Args:
         model: The PEFT wrapper from stage 3, on the meta device.
+        rebuilt: Stage 3's result.
         task: What to write, and where (its ``shards`` are dealt out here).
         helpers: Other processes to write shards too; None: this one only.
         hashes: Flushes and hashes each shard written here in the background.
@@ -160,7 +163,7 @@ def merge_streaming(model: Any, task: ShardTask, *, helpers: Helpers | None, has
     Raises:
         VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
     """
-    plan = plan_shards(model, TORCH_DTYPES[task.dtype], task.max_shard_size)
+    plan = plan_shards(model, rebuilt, TORCH_DTYPES[task.dtype], task.max_shard_size)
     sizes = {shard: plan.shard_bytes(shard) for shard in plan.split.filename_to_tensors}
     mine, *theirs = deal(sizes, 1 + (helpers.size if helpers else 0))
     pending = helpers.start([dataclasses.replace(task, shards=share) for share in theirs]) if helpers else list

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from zero2merged.basemodel import (
-    auto_class_name,
     base_config,
     base_dtype,
     checkpoint_vocab,
+    choose_base,
     embedding_modules,
     first_line,
     load_base,
-    meta_model,
 )
 from zero2merged.errors import AdapterConfigError, BaseModelError
 from zero2merged.manifest import files_stat
@@ -85,9 +84,9 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, Rebuil
 
     config = lora_config(info)
     base_cfg = base_config(info.base_model)
-    auto_name = auto_class_name(info.lora_config, base_cfg)
+    auto_name, base = choose_base(info.lora_config, base_cfg, list(info.layout.trainable_shapes))
     # fp32, whatever the base is stored in: PEFT merges in the weights' dtype, and the masters are fp32.
-    base = meta_model(auto_name, base_cfg) if on_meta else load_base(auto_name, info.base_model)
+    base = base if on_meta else load_base(auto_name, info.base_model)
     resized = resize_to_checkpoint(base, info)
     names_in_base = _names_by_object(base)
     try:

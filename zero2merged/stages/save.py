@@ -226,14 +226,16 @@ def _check_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
             model = getattr(transformers, auto_class).from_config(config)
     except (OSError, ValueError) as e:
         raise VerificationError(f"the config written to {staged} does not build {auto_class}: {e}") from e
-    check_complete(staged, model)
+    loaded = check_complete(staged, model)
     dtype_of = saved_dtypes(model, dtype)
+    module_of = {source: name for name, group in loaded.items() for source in group.sources}
     where: dict[str, str] = {}
     for file in sorted(staged.glob("*.safetensors")):
         reader = Reader(file)
         for name in reader.keys():
-            if reader.dtype(name).is_floating_point and reader.dtype(name) != dtype_of(name):
-                raise VerificationError(f"{file}: {name} is {reader.dtype(name)}, not {dtype_of(name)}")
+            wanted = dtype_of(module_of[name])
+            if reader.dtype(name).is_floating_point and reader.dtype(name) != wanted:
+                raise VerificationError(f"{file}: {name} is {reader.dtype(name)}, not {wanted}")
             where[name] = file.name
     index = staged / names.WEIGHTS_INDEX
     if index.is_file() and json.loads(index.read_text())["weight_map"] != where:
