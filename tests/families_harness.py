@@ -24,10 +24,7 @@ def build(family: Family, root: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     auto = getattr(transformers, family.auto_class)
-    base = auto.from_config(tiny_config(family), dtype=DTYPE)
-    for param in base.parameters():  # wider than the default init: outputs that a dropped delta visibly moves
-        param.data.normal_(0, 0.1)
-    base.save_pretrained(root / "base")
+    auto.from_config(tiny_config(family), dtype=DTYPE).save_pretrained(root / "base")
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **family.lora)
     model = get_peft_model(auto.from_pretrained(root / "base", dtype=torch.float32), config)
     trained = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}

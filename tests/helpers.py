@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fixtures import Fixture
+from fixtures import Fixture, routes
 from fixtures.models import auto_class
 
 
@@ -46,6 +46,14 @@ def reference_model(fixture: Fixture):
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     assert not result.unexpected_keys
     return model.merge_and_unload()
+
+
+def as_saved(model) -> dict[str, torch.Tensor]:
+    """The model's tensors named and shaped as ``save_pretrained`` writes them (transformers' own reversal of
+    the conversion mapping it loaded the model with: fused experts split again, renamed heads, ...)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {name: tensor.detach() for name, tensor in revert_weight_conversion(model, model.state_dict()).items()}
 
 
 def tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -86,21 +94,24 @@ def assert_within_one_rounding(ours: torch.Tensor, reference: torch.Tensor, name
     assert worst <= 1.0, f"{name}: {worst:.2f} ulp from the fp32 reference"
 
 
-def live_outputs(fixture: Fixture) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The probe inputs and the live engine's main output on them, recorded at training time."""
+def live_outputs(fixture: Fixture) -> tuple[dict[str, torch.Tensor], torch.Tensor, list]:
+    """The probe inputs, the live engine's main output on them, recorded at training time, and a MoE model's
+    routes in that run (:mod:`fixtures.routes`; empty for others)."""
     recorded = load_file(fixture.live_outputs)
-    return recorded, recorded.pop("outputs")
+    taken = routes.from_tensors(recorded)
+    return recorded, recorded.pop("outputs"), taken
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def _run_in(model, dtype: torch.dtype, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``model``'s main output with its weights and arithmetic in ``dtype`` (the model is left as it was)."""
-    return main_output(copy.deepcopy(model).to(dtype), inputs).double()
+def _run_in(model, dtype: torch.dtype, inputs: dict[str, torch.Tensor], taken: list) -> torch.Tensor:
+    """``model``'s main output with its weights and arithmetic in ``dtype`` and its routers (a MoE model's)
+    taking the recorded routes (the model is left as it was)."""
+    return main_output(copy.deepcopy(model).to(dtype), inputs, taken).double()
 
 
-def live_rounding_budget(fixture: Fixture, inputs: dict[str, torch.Tensor], scale: torch.Tensor) -> float:
+def live_rounding_budget(fixture: Fixture, inputs: dict, scale: torch.Tensor, taken: list) -> float:
     """How far, at most, rounding alone can put a correct conversion's outputs from the live engine's, in units
     of ``scale`` (the live outputs' largest magnitude).
 
@@ -110,37 +121,47 @@ def live_rounding_budget(fixture: Fixture, inputs: dict[str, torch.Tensor], scal
     fp32), for this model and these inputs, on this machine, against the same model run in float64: the
     reference run in the training dtype, and the reference with its weights rounded to the output dtype run
     in fp32. Their sum is the budget. Measured on the fixtures, a correct conversion's distance from the live
-    engine is 0.57 to 1.18 times this budget (bf16 and fp32 runs alike), so callers allow twice it.
+    engine is 0.57 to 1.18 times this budget (bf16 and fp32 runs alike), so callers allow twice it. A MoE
+    model's runs all take the live engine's routes (rounding elsewhere would send some tokens to other
+    experts: a jump, not a rounding); its experts do not run in float64, so fp32 stands for exact there
+    (2^-24 against the training dtype's 2^-8).
     """
     model = reference_model(fixture).eval()
     spec = fixture.spec
-    exact = _run_in(model, torch.float64, inputs)
-    live_side = _run_in(model, DTYPES[spec.dtype], inputs)
-    ours_side = _run_in(copy.deepcopy(model).to(DTYPES[spec.base_dtype or spec.dtype]), torch.float32, inputs)
+    exact = _run_in(model, torch.float32 if taken else torch.float64, inputs, taken)
+    live_side = _run_in(model, DTYPES[spec.dtype], inputs, taken)
+    ours_side = _run_in(copy.deepcopy(model).to(DTYPES[spec.base_dtype or spec.dtype]), torch.float32, inputs, taken)
     return (((live_side - exact).abs().max() + (ours_side - exact).abs().max()) / scale).item()
 
 
-def assert_reproduces_live(fixture: Fixture, outputs: torch.Tensor) -> None:
-    """``outputs`` (a converted model's, on the fixture's probe inputs) are the live engine's up to rounding:
-    within twice :func:`live_rounding_budget` (measured: at most 1.18 times it), a bound the bare base model,
-    what a conversion that dropped the adapter would write, must fall outside; and the same top-1 token
-    wherever the live engine's choice leads the runner-up by more than either side's rounding could move it."""
-    inputs, live = live_outputs(fixture)
+def assert_reproduces_live(fixture: Fixture, model=None, *, logits: torch.Tensor | None = None) -> None:
+    """A converted ``model`` (or its ``logits`` on the fixture's probe inputs) reproduces the live engine up to
+    rounding: within twice :func:`live_rounding_budget` (measured: at most 1.18 times it), a bound the bare
+    base model, what a conversion that dropped the adapter would write, must fall outside; and the same top-1
+    token wherever the live engine's choice leads the runner-up by more than either side's rounding could
+    move it. A MoE model's distance is measured with its routers taking the live engine's routes, its top-1
+    tokens with them free."""
+    inputs, live, taken = live_outputs(fixture)
     scale = live.abs().max()
-    allowed = 2 * live_rounding_budget(fixture, inputs, scale)
-    relative = ((outputs - live).abs().max() / scale).item()
+    allowed = 2 * live_rounding_budget(fixture, inputs, scale, taken)
+    pinned = logits if model is None else main_output(model, inputs, taken)
+    relative = ((pinned - live).abs().max() / scale).item()
     assert relative <= allowed, f"{relative:.4g} from the live engine, rounding allows {allowed:.4g}"
     if fixture.spec.task != "feature_extraction":  # logits: the same top-1 token or label where it is clear
+        free = pinned if model is None or not taken else main_output(model, inputs)
         top2 = live.topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 2 * allowed * scale
-        assert (outputs.argmax(-1) == live.argmax(-1))[clear].all()
+        assert (free.argmax(-1) == live.argmax(-1))[clear].all()
     if not fixture.spec.add_tokens:  # the bound tells a dropped adapter apart (the base cannot read added tokens)
-        base = main_output(auto_class(fixture.spec.task).from_pretrained(fixture.base, dtype=torch.float32), inputs)
-        assert ((base - live).abs().max() / scale).item() > allowed
+        base = auto_class(fixture.spec.task).from_pretrained(fixture.base, dtype=torch.float32)
+        assert ((main_output(base, inputs, taken) - live).abs().max() / scale).item() > allowed
 
 
-def main_output(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
+def main_output(model, inputs: dict[str, torch.Tensor], taken: list | None = None) -> torch.Tensor:
+    """Logits (or a bare encoder's hidden states), in fp32; a MoE model's routers taking ``taken`` if given."""
+    dtype = next(model.parameters()).dtype  # images (a vision-language model's) in the weights' dtype
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad(), routes.replaying(model, taken) if taken else contextlib.nullcontext():
         output = model(**inputs)
     value = getattr(output, "logits", None)
     return (value if value is not None else output.last_hidden_state).float()

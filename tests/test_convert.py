@@ -20,12 +20,11 @@ from fixtures.models import auto_class
 from tests.helpers import (
     FP32_ATOL,
     FP32_RTOL,
+    as_saved,
     assert_reproduces_live,
     assert_within_one_rounding,
     base_state,
     convert_fixture,
-    live_outputs,
-    main_output,
     reference_model,
     saved_state,
     tied_groups,
@@ -55,7 +54,8 @@ def converted(trained, tmp_path_factory):
 @pytest.mark.parametrize("name", CONVERTIBLE)
 def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name):
     fixture, output, report = converted(name)
-    reference = {k: v.detach() for k, v in reference_model(fixture).state_dict().items()}
+    merged = reference_model(fixture)
+    reference = as_saved(merged)  # named and shaped as the files are (transformers' own reversal of its layout)
     ours = saved_state(output)
     assert set(ours) <= set(reference)
     # Tied weights are written once: every name left out shares storage with one written.
@@ -72,11 +72,11 @@ def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name)
             assert_within_one_rounding(ours_tensor, ref, key)
     # The adapter really moved weights, so a conversion that dropped it would fail above: by more than 0.05 of
     # some tensor's largest magnitude, 12 bf16 rounding steps (2^-8 each); measured 0.33 to 4.5 on the fixtures.
-    base = base_state(fixture)
+    base, in_modules = base_state(fixture), merged.state_dict()
     moved = max(
-        ((reference[k] - t).abs().max() / t.abs().max()).item()
+        ((in_modules[k] - t).abs().max() / t.abs().max()).item()
         for k, t in base.items()
-        if k in reference and reference[k].shape == t.shape and t.is_floating_point()
+        if k in in_modules and in_modules[k].shape == t.shape and t.is_floating_point()
     )
     assert moved > 0.05
     # Each layer merged vs unmerged, both fp32: outputs ~1e-6 apart, so no top-1 feature of a probe row can flip
@@ -87,9 +87,7 @@ def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name)
 @pytest.mark.parametrize("name", CONVERTIBLE)
 def test_output_reproduces_the_live_engine(converted, name):
     fixture, output, _ = converted(name)
-    inputs, _ = live_outputs(fixture)
-    ours = main_output(auto_class(fixture.spec.task).from_pretrained(output, dtype=torch.float32), inputs)
-    assert_reproduces_live(fixture, ours)
+    assert_reproduces_live(fixture, auto_class(fixture.spec.task).from_pretrained(output, dtype=torch.float32))
 
 
 def test_output_loads_without_zero2merged_or_peft(converted):
@@ -109,7 +107,7 @@ def test_output_loads_without_zero2merged_or_peft(converted):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["imported"] == []
-    assert_reproduces_live(fixture, torch.load(output.parent / "logits.pt"))
+    assert_reproduces_live(fixture, logits=torch.load(output.parent / "logits.pt"))
 
 
 def test_tokenizer_and_generation_config_carried_over(converted):

@@ -126,6 +126,14 @@ def choose_base(lora: dict, config, trained: list[str]):
     return first
 
 
+def is_vision_language(model) -> bool:
+    """Whether ``model`` is one transformers builds for image-text-to-text (a vision-language model)."""
+    from transformers.models.auto import modeling_auto
+
+    names = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()
+    return any(type(model).__name__ == n or (isinstance(n, tuple) and type(model).__name__ in n) for n in names)
+
+
 def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
     """``AutoX.from_pretrained`` with errors turned into one line for the user."""
     import transformers

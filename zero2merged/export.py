@@ -16,7 +16,7 @@ from zero2merged.distributed import on_rank_zero
 from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.options import Source
-from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
+from zero2merged.parity import MERGE_TOLERANCE, compare_models, probe_inputs
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
 from zero2merged.stages.save import carry_tokenizer, check_output_free, partial_path
@@ -70,7 +70,7 @@ def _export(source: Source, output: Path) -> ExportReport:
     resize_to_checkpoint(fresh, info)
     reloaded = PeftModel.from_pretrained(fresh, staged, adapter_name=info.adapter_name)
     inputs = probe_inputs(fresh.config)
-    parity = compare(outputs(reloaded, inputs), outputs(model, inputs))
+    parity = compare_models(reloaded, model, inputs)
     parity.check(MERGE_TOLERANCE, f"the adapter reloaded from {staged} vs the trained model")
     saved = {
         k

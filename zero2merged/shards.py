@@ -199,7 +199,7 @@ class _ShardWriter:
         self.mine = set(self.shard_of)
         self.open: dict[str, Writer] = {}
         self.made: set[int] = set()  # groups made (or being made)
-        self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # a conversion's inputs, whole, as they come
+        self.gathered: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}  # a conversion's inputs, rows filled
 
     def write(self, shard: str, progress: Progress) -> None:
         """Make every tensor of ``shard`` (and whatever is made with them), then close it."""
@@ -239,12 +239,14 @@ class _ShardWriter:
         elif group.experts:
             for target, tensor in group.convert({name: rows}, self.plan.layout.model, first_expert=first).items():
                 self._put(target, tensor)
-        else:
+        else:  # gathered whole; converted once every input has all its rows
             gathered = self.gathered.setdefault(id(group), {})
-            whole = gathered.setdefault(name, torch.empty(meta.shape, dtype=meta.dtype))
+            whole, filled = gathered.get(name) or (torch.empty(meta.shape, dtype=meta.dtype), 0)
             whole[first : first + rows.shape[0]] = rows
-            if first + rows.shape[0] == meta.shape[0] and set(gathered) == set(group.sources):
-                for target, tensor in group.convert(self.gathered.pop(id(group)), self.plan.layout.model).items():
+            gathered[name] = whole, filled + rows.shape[0]
+            if all(gathered.get(s, (None, -1))[1] == self.plan.tensors[s].meta.shape[0] for s in group.sources):
+                inputs = {s: tensor for s, (tensor, _) in self.gathered.pop(id(group)).items()}
+                for target, tensor in group.convert(inputs, self.plan.layout.model).items():
                     self._put(target, tensor)
 
     def _copy_in(self, name: str, group: Group) -> None:

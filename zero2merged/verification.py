@@ -18,7 +18,7 @@ from zero2merged.basemodel import (
 )
 from zero2merged.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError
 from zero2merged.options import Source
-from zero2merged.parity import SAVE_TOLERANCES, compare, outputs, probe_inputs
+from zero2merged.parity import SAVE_TOLERANCES, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, RebuildResult
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.load import load_weights
@@ -110,7 +110,7 @@ def verify(
     else:
         inputs = prompt_inputs(Path(prompts), base, merged_model.config)
         described = f"{len(inputs['input_ids'])} prompts from {Path(prompts).resolve()}"
-    parity = compare(outputs(merged_model, inputs), outputs(unmerged, inputs))
+    parity = compare_models(merged_model, unmerged, inputs)
     tolerance = SAVE_TOLERANCES[merged_dtype]
     try:
         parity.check(tolerance, "merged vs unmerged")

@@ -178,7 +178,7 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
 
     Returns (features, warnings); a base that cannot be read is a warning here (convert will stop on it).
     """
-    from zero2merged.basemodel import base_config, checkpoint_vocab, choose_base, embedding_modules
+    from zero2merged.basemodel import base_config, checkpoint_vocab, choose_base, embedding_modules, is_vision_language
     from zero2merged.layouts import describe as describe_layout
 
     try:
@@ -189,7 +189,7 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
     except Exception as e:  # noqa: BLE001 - a model class that cannot be built on the meta device
         return [], [f"base model not examined: {type(e).__name__}: {e}"]
     features = []
-    if auto_name == "AutoModelForImageTextToText":
+    if is_vision_language(model):
         features.append(f"vision-language model ({type(model).__name__}), built with {auto_name}")
     conversions = describe_layout(model)
     if conversions:

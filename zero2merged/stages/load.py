@@ -144,9 +144,12 @@ def plan_sources(
             if key in info.layout.frozen:
                 where = _in_base(key, rebuilt, base)
                 if where is None:
+                    names = " or ".join(rebuilt.base_keys.get(key, [key]))
                     raise BaseModelError(
-                        f"the base model's weight files hold no {key}; --base-model is not the "
-                        "architecture this run trained"
+                        f"the base model's weight files, read as transformers loads them into "
+                        f"{rebuilt.model_class}, give no {names} (saved in the checkpoint as {key}): "
+                        "--base-model is another architecture than the run trained, or its files are in a "
+                        "layout transformers does not map to this class"
                     )
                 diff = _chunked_difference(saved, key, base, where[1], resized.get(key), buffers)
                 if diff is not None:

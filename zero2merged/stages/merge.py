@@ -24,7 +24,7 @@ from zero2merged.dtypes import TORCH_DTYPES
 from zero2merged.errors import VerificationError
 from zero2merged.manifest import FileHashes, replacing
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
-from zero2merged.parity import MERGE_TOLERANCE, compare, outputs, probe_inputs
+from zero2merged.parity import MERGE_TOLERANCE, compare_routed, probe_inputs, routed_outputs, routes_to_tensors
 from zero2merged.results import CheckpointInfo, MergeResult, RebuildResult
 from zero2merged.runner import Stage
 from zero2merged.shards import deal, plan_shards, write_configs, write_index, write_shards
@@ -113,7 +113,7 @@ def merge(model: Any, work_dir: Path) -> MergeResult:
     """Stage 5 (in memory): merge the adapter into the base and check the merged model against the unmerged one.
 
     Writes ``merged/`` (the merged model in fp32, ``save_pretrained`` layout) and ``probes.safetensors``
-    (probe inputs, unmerged and merged outputs) into ``work_dir``.
+    (probe inputs, unmerged and merged outputs, the merged model's MoE routes) into ``work_dir``.
 
     Args:
         model: The loaded PEFT wrapper from stage 4 (merged in place).
@@ -122,14 +122,14 @@ def merge(model: Any, work_dir: Path) -> MergeResult:
         VerificationError: the merge produced NaN/inf or outputs beyond tolerance.
     """
     inputs = probe_inputs(model.get_base_model().config)
-    unmerged = outputs(model, inputs)
+    unmerged, routes = routed_outputs(model, inputs)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as e:  # PEFT's safe_merge found NaNs
         raise VerificationError(f"merging the adapter failed: {e}") from e
-    merged_outputs = outputs(merged, inputs)
-    parity = compare(merged_outputs, unmerged)
+    parity = compare_routed(merged, inputs, unmerged, routes)
     parity.check(MERGE_TOLERANCE, "merged vs unmerged model")
+    merged_outputs, merged_routes = routed_outputs(merged, inputs)  # the saved model is held to these
 
     staged = fresh_dir(work_dir / f".{names.MERGED}.tmp")
     merged.save_pretrained(staged)
@@ -138,7 +138,7 @@ def merge(model: Any, work_dir: Path) -> MergeResult:
     shutil.rmtree(final, ignore_errors=True)
     replace_dir(staged, final)
     with replacing(work_dir / names.PROBES) as tmp:
-        save_file({**inputs, "unmerged": unmerged, "merged": merged_outputs}, tmp)
+        save_file({**inputs, "unmerged": unmerged, "merged": merged_outputs, **routes_to_tensors(merged_routes)}, tmp)
     return MergeResult(parity=parity)
 
 

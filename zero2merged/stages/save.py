@@ -26,13 +26,22 @@ from zero2merged.basemodel import load_base, saved_dtypes
 from zero2merged.dtypes import TORCH_DTYPES
 from zero2merged.errors import OutputError, VerificationError
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
-from zero2merged.parity import SAVE_TOLERANCES, compare, outputs
+from zero2merged.parity import SAVE_TOLERANCES, compare_routed, routes_from_tensors
 from zero2merged.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
 from zero2merged.stages.rebuild import base_fingerprint
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# What a vision-language (or other multimodal) model's folder holds beside the tokenizer for serving: its
+# processor's files, copied as they are (an image processor needs PIL or torchvision to be loaded and saved).
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
 
 
 class Save(Stage[SaveResult]):
@@ -158,7 +167,8 @@ def save(
     probes = load_file(work_dir / names.PROBES)
     reference = probes.pop("merged")
     probes.pop("unmerged")
-    parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference)
+    routes = routes_from_tensors(probes)
+    parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference, routes)
     parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
     (staged / names.MODEL_CARD).write_text(card(parity))
 
@@ -245,20 +255,29 @@ def _check_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
 
 
 def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
-    """Save the tokenizer of the first source that has one into ``staged``; returns that source."""
+    """Save the tokenizer of the first source that has one into ``staged``, and each processor file from the
+    first source that has it (copied as it is; the tokenizer's own chat template is not written over);
+    returns the tokenizer's source."""
     from transformers import AutoTokenizer
 
+    carried = None
     for source in sources:
         if any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
             AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(staged)
-            return str(source)
-    return None
+            carried = str(source)
+            break
+    for name in PROCESSOR_FILES:
+        found = next((Path(source) / name for source in sources if (Path(source) / name).is_file()), None)
+        if found is not None and not (staged / name).exists():
+            shutil.copyfile(found, staged / name)
+    return carried
 
 
 def _check_reload(
-    staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict, reference: torch.Tensor
+    staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict, reference: torch.Tensor, routes: list
 ) -> Parity:
-    """Reload with the plain Auto class: no key missing or unexpected, every tensor identical, ties kept."""
+    """Reload with the plain Auto class: no key missing or unexpected, every tensor identical, ties kept; and
+    its outputs vs the fp32 merge's (its MoE routers following the merge's choices: see zero2merged.parity)."""
     import transformers
 
     check_complete(staged, model)
@@ -273,7 +292,7 @@ def _check_reload(
         if name not in got or got[name].dtype != tensor.dtype or not torch.equal(got[name], tensor):
             raise VerificationError(f"{name} did not reload from {staged} as it was written")
     _check_ties(expected, got, staged)
-    return compare(outputs(reloaded.float(), probes), reference)
+    return compare_routed(reloaded.float(), probes, reference, routes)
 
 
 def _check_ties(expected: dict, got: dict, staged: Path) -> None:
