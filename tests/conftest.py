@@ -18,3 +18,21 @@ def trained():
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def converted(trained, tmp_path_factory):
+    """``converted(name)`` -> (fixture, output folder, report): the fixture converted (streaming, the
+    defaults) once per test module."""
+    from tests.helpers import convert_fixture
+
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            fixture = trained(name)
+            output = tmp_path_factory.mktemp(name) / "merged"
+            done[name] = fixture, output, convert_fixture(fixture, output)
+        return done[name]
+
+    return get

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures.families import FAMILIES, tiny_config
 from zero2merged.adapter_keys import describe, infer_lora_config, read_adapter_keys
 from zero2merged.errors import AdapterConfigError
 
@@ -14,17 +15,10 @@ from zero2merged.errors import AdapterConfigError
 def _trainable(lora: dict, adapter: str = "default") -> dict[str, list[int]]:
     """The trained params' names and shapes of a tiny Llama wrapped by PEFT with ``lora``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-    )
+    config = tiny_config(FAMILIES["llama"])
+    config.attention_bias = True  # biases to train with bias="lora_only" or "all"
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(**lora), adapter_name=adapter)
     return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
@@ -71,4 +65,4 @@ def test_rank_pattern_holds_the_ranks_that_differ_from_the_common_one():
 
 def test_no_lora_keys_cannot_be_inferred():
     with pytest.raises(AdapterConfigError, match="no LoRA weights"):
-        infer_lora_config(read_adapter_keys({"base_model.model.lm_head.weight": [96, 32]}), lora_alpha=16)
+        infer_lora_config(read_adapter_keys({"base_model.model.lm_head.weight": [256, 32]}), lora_alpha=16)

@@ -36,21 +36,6 @@ CONVERTIBLE = TESTED
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@pytest.fixture(scope="module")
-def converted(trained, tmp_path_factory):
-    """``converted(name)`` -> (fixture, output folder, report); each fixture converted once per module."""
-    done = {}
-
-    def get(name):
-        if name not in done:
-            fixture = trained(name)
-            output = tmp_path_factory.mktemp(name) / "merged"
-            done[name] = fixture, output, convert_fixture(fixture, output)
-        return done[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", CONVERTIBLE)
 def test_output_matches_deepspeed_consolidation_plus_peft_merge(converted, name):
     fixture, output, report = converted(name)

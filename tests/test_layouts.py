@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 import zero2merged
 from fixtures.models import auto_class
-from tests.helpers import convert_fixture, saved_state
+from tests.helpers import saved_state
 from zero2merged import inspect_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -43,20 +43,6 @@ def test_inspect_says_which_layout_conversion_it_found(trained, name):
     features = " | ".join(inspect_checkpoint(trained(name).checkpoint).features)
     for expected in DETECTED[name]:
         assert expected in features, features
-
-
-@pytest.fixture(scope="module")
-def converted(trained, tmp_path_factory):
-    done = {}
-
-    def get(name):
-        if name not in done:
-            fixture = trained(name)
-            output = tmp_path_factory.mktemp(name) / "merged"
-            done[name] = fixture, output, convert_fixture(fixture, output)
-        return done[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", ["mixtral-experts-z3", "qwen3-moe-experts-z2", "gpt-neox-z3", "llava-z2"])
