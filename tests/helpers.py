@@ -12,13 +12,21 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures import Fixture, routes
-from fixtures.models import auto_class
+from fixtures.models import VOCAB_SIZE, auto_class
 
 
 def reference_consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation (``get_fp32_state_dict_from_zero_checkpoint``)."""
+    """DeepSpeed's own consolidation (``get_fp32_state_dict_from_zero_checkpoint``). A ZeRO stage 0 save it
+    cannot read: there the fp32 masters the live engine's optimizer held, recorded beside the run at training
+    time, and the frozen params as the model-state file holds them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    recorded = Path(checkpoint).parent / "reference_masters.safetensors"
+    if recorded.is_file():
+        masters = load_file(recorded)
+        tag = (Path(checkpoint) / "latest").read_text().strip()
+        module = torch.load(Path(checkpoint) / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return {**{name: t for name, t in module.items() if name not in masters}, **masters}
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
 
@@ -40,8 +48,8 @@ def reference_model(fixture: Fixture):
     spec = fixture.spec
     state = reference_consolidated(fixture.checkpoint)
     base = auto_class(spec.task).from_pretrained(fixture.base, dtype=torch.float32)
-    if spec.add_tokens:
-        base.resize_token_embeddings(base.get_input_embeddings().weight.shape[0] + spec.add_tokens)
+    if fixture.vocabulary > base.get_input_embeddings().weight.shape[0]:  # as the run grew it
+        base.resize_token_embeddings(fixture.vocabulary)
     model = get_peft_model(base, LoraConfig(**spec.lora))
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     assert not result.unexpected_keys
@@ -152,7 +160,7 @@ def assert_reproduces_live(fixture: Fixture, model=None, *, logits: torch.Tensor
         top2 = live.topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 2 * allowed * scale
         assert (free.argmax(-1) == live.argmax(-1))[clear].all()
-    if not fixture.spec.add_tokens:  # the bound tells a dropped adapter apart (the base cannot read added tokens)
+    if fixture.vocabulary == VOCAB_SIZE:  # the bound tells a dropped adapter apart (the base cannot read new tokens)
         base = auto_class(fixture.spec.task).from_pretrained(fixture.base, dtype=torch.float32)
         assert ((main_output(base, inputs, taken) - live).abs().max() / scale).item() > allowed
 

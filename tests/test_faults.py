@@ -96,6 +96,24 @@ def _nan_master(trained, tmp_path, run):
     return []
 
 
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _pickled_base(trained, tmp_path, run):
+    """A base stored as pytorch_model.bin whose pickle would run a command if it were unpickled in full."""
+    base = tmp_path / "pickled-base"
+    shutil.copytree(trained(FIXTURE).base, base)
+    weights = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    torch.save({**weights, "payload": _RunsACommand(tmp_path / "custom-code-ran")}, base / "pytorch_model.bin")
+    return ["--base-model", str(base)]
+
+
 def _custom_code_base(trained, tmp_path, run):
     """A base whose config asks for its own Python code, which would leave a marker if it ever ran."""
     base = tmp_path / "custom-base"
@@ -163,6 +181,7 @@ BAD_INPUTS = {
     ),
     "NaN in a trained weight": (_nan_master, "holds NaN or inf"),
     "base that needs its own code": (_custom_code_base, "never runs code from a model folder"),
+    "base .bin holding a pickled object": (_pickled_base, "holds pickled objects other than tensors"),
     "output inside the checkpoint": (_output_inside_input, "overlaps the checkpoint"),
     "output not empty": (_output_not_empty, "is not empty"),
 }
@@ -198,14 +217,6 @@ def test_nan_names_the_tensor(trained, tmp_path, run_copy):
 
 
 # --- untrusted pickles ---------------------------------------------------------------------------------
-
-
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_pickled_code_is_refused_unless_the_user_opts_in(tmp_path, run_copy):

@@ -205,8 +205,8 @@ def test_exported_adapter_loads_with_peft_and_holds_the_fp32_masters(trained, tm
         assert tensor.dtype == torch.float32 and torch.equal(tensor, masters[key]), key
     # PEFT's own loading on a fresh base, merged by PEFT, equals the DeepSpeed + PEFT reference.
     base = auto_class(fixture.spec.task).from_pretrained(fixture.base, dtype=torch.float32)
-    if fixture.spec.add_tokens:
-        base.resize_token_embeddings(VOCAB_SIZE + fixture.spec.add_tokens)
+    if fixture.vocabulary > VOCAB_SIZE:
+        base.resize_token_embeddings(fixture.vocabulary)
     merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
     reference = reference_model(fixture).state_dict()
     for key, tensor in reference.items():

@@ -79,8 +79,8 @@ def test_layout_detected(trained, name):
     spec = SPECS[name]
     layout = _reader(trained(name)).layout
     assert (layout.zero_stage, layout.world_size, layout.dtype) == (spec.zero_stage, spec.world_size, spec.dtype)
-    saves_frozen = spec.layout == "engine" and not spec.exclude_frozen
-    expected_source = ("module" if spec.zero_stage == 1 else "frozen_param_fragments") if saves_frozen else None
+    saves_frozen = spec.layout in ("engine", "accelerate") and not spec.exclude_frozen  # Trainers exclude them
+    expected_source = ("module" if spec.zero_stage in (0, 1) else "frozen_param_fragments") if saves_frozen else None
     assert layout.frozen_source == expected_source
     assert layout.global_step == spec.steps
     assert all(".lora_" in name or ".modules_to_save." in name for name in layout.trainable_shapes)

@@ -48,6 +48,11 @@ class AdapterKeys:
         return list(dict.fromkeys(module.rsplit(".", 1)[-1] for module in self.ranks))
 
 
+def trained_by_peft(name: str) -> bool:
+    """Whether a wrapper key is one PEFT trains (LoRA's own weights, a module trained in full), by its name."""
+    return _KEY.match(name) is not None
+
+
 def read_adapter_keys(trainable: dict[str, list[int]]) -> AdapterKeys:
     """Sort the trained keys into what they are."""
     keys = AdapterKeys()

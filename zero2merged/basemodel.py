@@ -5,6 +5,7 @@ Shared by inspect (which looks at the base on the meta device, without weights) 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -140,7 +141,7 @@ def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
 
     try:
         return getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:  # a .bin's refused pickle
         raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {first_line(e)}") from e
 
 
@@ -159,9 +160,39 @@ def base_dir(base_model: str) -> Path:
         ) from e
 
 
-def base_files(base_model: str) -> list[Path]:
-    """The base's safetensors weight files."""
-    return sorted(base_dir(base_model).glob("*.safetensors"))
+# The weight files from_pretrained reads, in the order it prefers them: safetensors first.
+WEIGHT_FILES = [
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's weight files, as ``from_pretrained`` finds them: the shards a ``*.index.json`` lists
+    (each a file of the folder itself), or the single file; safetensors before ``.bin``.
+
+    Raises:
+        BaseModelError: no weight file, or an index naming a file outside the folder or not there.
+    """
+    import json
+
+    for index_name, single in WEIGHT_FILES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise BaseModelError(f"cannot read the weight index {index}: {first_line(e)}") from e
+            for shard in shards:
+                if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
+                    raise BaseModelError(f"{index} names a weight file {shard!r} that is not a file of {folder}")
+            return [folder / shard for shard in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise BaseModelError(
+        f"{folder} holds no model weights (model.safetensors, pytorch_model.bin, or the index of "
+        "their shards); pass --base-model with the base model's folder"
+    )
 
 
 def meta_model(auto_name: str, config):

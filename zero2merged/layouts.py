@@ -318,20 +318,24 @@ def read_base(model: Any, rebuilt: RebuildResult) -> BaseWeights:
 
 
 class BaseWeights:
-    """The base model's weights under the names its modules use, read from its safetensors files through
-    the conversion mapping: a plain tensor straight from its file (by rows, or file range to file range),
-    a converted one a group at a time (a block of experts at a time where they are fused). Reads like a
+    """The base model's weights under the names its modules use, read from its weight files (safetensors, or
+    ``pytorch_model.bin`` ones) through the conversion mapping: a plain tensor straight from its file (by
+    rows, or file range to file range), a converted one a group at a time (a block of experts at a time where
+    they are fused). Reads like a
     :class:`~zero2merged.safetensors_io.Reader`; stage 4 names it as a source by its folder.
 
     Args:
-        folder: The base model's folder (its safetensors weight files are read).
+        folder: The base model's folder (the weight files ``from_pretrained`` would read are read).
         layout: The model's :class:`Layout` (reading marks the transforms the files use).
     """
 
     def __init__(self, folder: Path, layout: Layout):
+        from zero2merged.basemodel import weight_files
+        from zero2merged.pickled import PickledWeights
+
         self.folder, self.layout = str(folder), layout
-        files = sorted(Path(folder).glob("*.safetensors"))
-        self.readers = {str(file): Reader(file) for file in files}
+        files = weight_files(Path(folder))
+        self.readers = {str(f): Reader(f) if f.suffix == ".safetensors" else PickledWeights(f) for f in files}
         self.file_of = {name: path for path, reader in self.readers.items() for name in reader.keys()}
         metas = {
             name: torch.empty(self.readers[path].shape(name), dtype=self.readers[path].dtype(name), device="meta")

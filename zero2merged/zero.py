@@ -20,6 +20,14 @@ Frozen params are saved by the model-state files in the training dtype: ZeRO-3 s
 trainable ones (``frozen_param_fragments``), ZeRO-2 keeps them whole there, ZeRO-1 keeps them only in
 ``module``; with ``exclude_frozen_parameters`` none are saved.
 
+ZeRO stage 0 (DeepSpeed's plain data parallelism) writes one model-state file and no optimizer files: its
+``optimizer`` entry holds the optimizer's own state, with, for a 16-bit run, the fp32 masters of the
+trainable params (``fp32_groups_flat``: one flat tensor per param group, the params one after another, in
+the model's order, unpadded) and no table naming them; ``module`` holds every param in the training dtype.
+Which params a flat group holds is found by walking the run's trainable params in the model's order,
+taking each whose master, rounded to the training dtype, is exactly its 16-bit copy in ``module`` (what the
+optimizer step left there); a run in fp32 has no masters apart from ``module``.
+
 Files are memory-mapped; the pages under a piece are unmapped once the piece is used, so reading a
 checkpoint does not leave it all resident (and counted in our RSS); and where a piece's bytes are used
 as they are, its file range lets them be copied file to file.
@@ -169,6 +177,10 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
         CheckpointError: files are missing, unreadable or inconsistent with each other.
     """
     model_files, optim_files = rank_files(tag_dir)
+    if len(model_files) == 1 and not optim_files:
+        states = load_pt(model_files[0])
+        if isinstance(states.get(names.OPTIMIZER), dict):
+            return _stage0_layout(tag_dir, model_files[0], states)
     if not model_files or not optim_files:
         found = ", ".join(sorted(p.name for p in tag_dir.iterdir())[:8]) or "nothing"
         raise CheckpointError(
@@ -225,6 +237,66 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
         model_files=[p.name for p in model_files],
         optim_files=[p.name for p in optim_files],
     )
+
+
+def _stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
+    """The layout of a ZeRO stage 0 save (see the module's doc)."""
+    from zero2merged.adapter_keys import trained_by_peft
+
+    module = states.get(names.MODULE) or {}
+    buffer_names = set(states.get(names.BUFFER_NAMES) or [])
+    candidates = [name for name in module if name not in buffer_names and trained_by_peft(name)]
+    masters = states[names.OPTIMIZER].get(names.FP32_GROUPS_FLAT)
+    if masters is None:  # fp32: the masters are module's own tensors
+        trainable = [{name: _shape(module[name].shape) for name in candidates}]
+    else:
+        trainable = _match_masters(tag_dir, [m.reshape(-1) for m in masters], module, candidates)
+    trained = {name for group in trainable for name in group}
+    frozen = {
+        name: _shape(t.shape)
+        for name, t in module.items()
+        if name not in trained and name not in buffer_names and t.numel() > 0
+    }
+    return ZeroLayout(
+        zero_stage=0,
+        world_size=int(states.get(names.DP_WORLD_SIZE) or 1),
+        dtype=_training_dtype(model_file, states, module),
+        ds_version=states.get(names.DS_VERSION),
+        global_step=states.get(names.GLOBAL_STEPS),
+        trainable=trainable,
+        frozen=frozen,
+        frozen_source=names.MODULE if frozen else None,
+        buffers={name: _shape(t.shape) for name, t in module.items() if name in buffer_names},
+        shared={str(a): str(b) for a, b in (states.get(names.SHARED_PARAMS) or {}).items()},
+        model_files=[model_file.name],
+        optim_files=[],
+    )
+
+
+def _match_masters(
+    tag_dir: Path, masters: list[torch.Tensor], module: dict, candidates: list[str]
+) -> list[dict[str, list[int]]]:
+    """Which params each flat group of fp32 masters holds: walking the candidates in the model's order, each
+    whose next stretch of masters, rounded to its 16-bit dtype, is exactly its copy in ``module``."""
+    groups, left = [], list(candidates)
+    for flat in masters:
+        group, offset = {}, 0
+        for name in list(left):
+            copy = module[name]
+            if offset + copy.numel() <= flat.numel() and torch.equal(
+                flat[offset : offset + copy.numel()].to(copy.dtype), copy.reshape(-1)
+            ):
+                group[name] = _shape(copy.shape)
+                offset += copy.numel()
+                left.remove(name)
+        if offset != flat.numel():
+            raise CheckpointError(
+                f"{tag_dir}: the fp32 masters of a param group ({flat.numel()} values) do not match the trained "
+                f"params' 16-bit copies in the model state (matched {offset}); the file is damaged or was not "
+                "written by a LoRA run"
+            )
+        groups.append(group)
+    return groups
 
 
 def _training_dtype(optim_file: Path, states: dict, module: dict) -> str:
@@ -287,6 +359,12 @@ class ZeroReader:
     def _optim(self) -> tuple[list[list[torch.Tensor]], list | None]:
         """Per rank, per group: the flat fp32 master tensor (Adam moments are never read); and the
         ZeRO-1/2 per-param alignment paddings."""
+        if self.layout.zero_stage == 0:  # in the model-state file (module's own tensors for an fp32 run)
+            states = self._model_states[0]
+            flat = states[names.OPTIMIZER].get(names.FP32_GROUPS_FLAT)
+            if flat is None:
+                flat = [torch.cat([states[names.MODULE][n].reshape(-1) for n in g]) for g in self.layout.trainable]
+            return [[t.reshape(-1) for t in flat]], None
         key = names.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else names.SINGLE_PARTITION_OF_FP32_GROUPS
         groups, paddings = [], None
         for rank, name in enumerate(self.layout.optim_files):
@@ -346,6 +424,8 @@ class ZeroReader:
         masters, paddings = self._optim
         if self.layout.zero_stage == 3:
             yield from self._zero3_trainable(masters)
+        elif self.layout.zero_stage == 0:
+            yield from self._stage0_trainable(masters[0])
         else:
             yield from self._zero12_trainable(masters, paddings)
         yield from self._frozen()
@@ -391,6 +471,17 @@ class ZeroReader:
                 for at, view in flat.pieces(offset, math.prod(shape)):
                     for piece_at, piece in _split(at, view, self.piece_elements):
                         yield name, piece_at, piece
+
+    def _stage0_trainable(self, flats: list[torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """Stage 0: each group's params one after another in its flat masters, unpadded."""
+        for flat, group in zip(flats, self.layout.trainable, strict=True):
+            offset = 0
+            for name, shape in group.items():
+                for at, piece in _split(0, flat.narrow(0, offset, math.prod(shape)), self.piece_elements):
+                    yield name, at, piece
+                offset += math.prod(shape)
+            if offset != flat.numel():
+                raise self._mismatch(offset, flat.numel())
 
     def _zero3_trainable(self, masters) -> Iterator[tuple[str, int, torch.Tensor]]:
         world = self.layout.world_size

@@ -1,0 +1,93 @@
+"""Weights in PyTorch's own files (``pytorch_model.bin``: older models, and anything saved with
+``safe_serialization=False``), read like a safetensors :class:`~zero2merged.safetensors_io.Reader`.
+
+Loaded as transformers loads them, with ``torch.load(weights_only=True)``: nothing but tensors and plain
+containers is unpickled (a pickle could otherwise run code), and a file holding anything else is refused
+whole. Memory-mapped (``mmap=True``) where the file is a zip archive, as every file torch has written since
+1.6 is: a tensor's pages are read when it is, and dropped from this process's memory after.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from zero2merged.errors import BaseModelError
+from zero2merged.safetensors_io import CHUNK_BYTES, Ranges
+
+
+class PickledWeights:
+    """The tensors of one ``.bin`` weight file.
+
+    Raises:
+        BaseModelError: the file cannot be read, or holds something other than named tensors.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.mapped = path, True
+        try:
+            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise BaseModelError(
+                f"{path} holds pickled objects other than tensors ({first}); refusing to load it "
+                "(a pickle can run code): convert the base to safetensors where it came from"
+            ) from e
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise BaseModelError(f"cannot read the base's weights {path}: {str(e).splitlines()[0][:200]}") from e
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pre-zip) file: no mmap
+            self.mapped = False
+        except (OSError, EOFError, ValueError) as e:
+            raise BaseModelError(f"cannot read the base's weights {path}: {str(e).splitlines()[0][:200]}") from e
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise BaseModelError(f"{path} is not a state dict (names to tensors); is it a model's weight file?")
+        self.tensors: dict[str, torch.Tensor] = loaded
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[name].shape)
+
+    def nbytes(self, name: str) -> int:
+        tensor = self.tensors[name]
+        return tensor.numel() * tensor.element_size()
+
+    def ranges(self, name: str) -> Ranges | None:
+        """None: a tensor here is copied through memory (a piece at a time), not file to file."""
+        return None
+
+    def get(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or a range of its rows) in fresh memory, or in ``into`` where it fits."""
+        from zero2merged.zero import release
+
+        stored = self.tensors[name]
+        view = stored if rows is None else stored[rows]
+        nbytes = view.numel() * view.element_size()
+        if into is not None and into.numel() * into.element_size() >= nbytes:
+            out = into.view(torch.uint8)[:nbytes].view(view.dtype).view(view.shape)
+        else:
+            out = torch.empty(view.shape, dtype=view.dtype)
+        out.copy_(view)
+        if self.mapped:
+            release(view)  # the file's pages, read: out of this process's memory again (never for heap memory)
+        return out
+
+    def chunks(
+        self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` pieces of about ``chunk_bytes`` (a 1-D tensor comes whole)."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield 0, self.get(name, into=into)
+            return
+        step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
+        for first in range(0, shape[0], step):
+            yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
