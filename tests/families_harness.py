@@ -105,8 +105,8 @@ def in_memory(info: CheckpointInfo, root: Path, output: Path, max_shard_size: in
         auto_class=rebuilt.auto_class,
         dtype="bf16",
         max_shard_size=max_shard_size,
-        tokenizer_sources=[],
-        card=lambda parity: "",
+        info=info,
+        card=lambda parity, served: "",
     )
 
 

@@ -101,7 +101,9 @@ def test_tokenizer_and_generation_config_carried_over(converted):
     assert tokenizer("t5 t6 t7")["input_ids"] == AutoTokenizer.from_pretrained(fixture.base)("t5 t6 t7")["input_ids"]
     generation = GenerationConfig.from_pretrained(output)
     assert (generation.temperature, generation.top_p, generation.do_sample) == (0.7, 0.9, True)
-    assert report.stage("save").metrics["tokenizer_from"] == str(fixture.base)
+    served = report.stage("save").result.served
+    assert (served.tokenizer_from, served.generation_config_from, served.changed) == (str(fixture.base),) * 2 + ([],)
+    assert f"| generation config | `{fixture.base}` |" in (output / "README.md").read_text()
 
 
 def test_sharded_output_with_index(trained, tmp_path):

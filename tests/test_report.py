@@ -19,6 +19,7 @@ from zero2merged.results import (
     RebuildResult,
     ResizedVocab,
     SaveResult,
+    Served,
     Tolerance,
     ZeroLayout,
     human_size,
@@ -90,9 +91,18 @@ def _report(merged: MergeResult, saved: SaveResult) -> ConvertReport:
 
 STREAMED = (
     MergeResult(PARITY, layers=4, files=1, processes=1),
-    SaveResult("/out/merged", "bf16", 6, 224_600, "/models/base"),
+    SaveResult("/out/merged", "bf16", 6, 224_600, Served("/models/base", None, "/models/base")),
 )
-IN_MEMORY = (MergeResult(PARITY), SaveResult("/out/merged", "bf16", 6, 224_600, None, Parity(0.01, 0.004, 0.99, 128)))
+ALIGNED = Served(
+    "/runs/a/checkpoint-6",
+    "/runs/a/checkpoint-6",
+    "/models/base",
+    ["generation_config.json eos_token_id: 2 -> [2, 260] (the tokenizer's eos_token <|im_end|>)"],
+)
+IN_MEMORY = (
+    MergeResult(PARITY),
+    SaveResult("/out/merged", "bf16", 6, 224_600, ALIGNED, Parity(0.01, 0.004, 0.99, 128)),
+)
 
 
 def test_summary_has_a_line_per_stage_and_the_parity_figures():
@@ -109,6 +119,7 @@ def test_summary_has_a_line_per_stage_and_the_parity_figures():
     )
     assert lines[8] == "  note: frozen params were not saved"
     in_memory = _report(*IN_MEMORY).summary()
+    assert "  special token ids rewritten: generation_config.json eos_token_id: 2 -> [2, 260]" in in_memory
     assert "merge_and_unload, parity checked" in in_memory and "(model outputs, fp32)" in in_memory
     assert "parity saved (bf16) vs fp32 merge: max abs diff 0.01, top-1 agreement 0.9900" in in_memory
 
@@ -127,7 +138,8 @@ def test_report_json_keeps_the_figures_and_leaves_the_hand_offs_out():
     assert "base_keys" not in metrics["rebuild"] and metrics["rebuild"]["resized_vocab"]["rows"] == 264
     assert "sources" not in metrics["load"] and metrics["load"]["from_base"] == 21
     assert metrics["merge"] == {"parity": PARITY.to_dict(), "layers": 4, "files": 1, "processes": 1}
-    assert metrics["save"]["tokenizer_from"] == "/models/base" and "parity" not in metrics["save"]
+    assert metrics["save"]["served"]["tokenizer_from"] == "/models/base" and "parity" not in metrics["save"]
+    assert SaveResult.from_dict(json.loads(json.dumps(IN_MEMORY[1].to_dict()))) == IN_MEMORY[1]
 
 
 @pytest.mark.parametrize(
@@ -177,13 +189,22 @@ def test_human_sizes(count, text):
 
 
 def test_model_card_names_where_the_model_came_from_and_how_it_was_checked():
-    streamed = modelcard.render(INFO, dtype="bf16", merged=STREAMED[0], save_parity=None)
+    streamed = modelcard.render(INFO, dtype="bf16", merged=STREAMED[0], save_parity=None, served=STREAMED[1].served)
     assert streamed.startswith('---\nbase_model: "/models/base"\nlibrary_name: transformers\n')
     assert "| tag | `global_step6` (optimizer step 6) |" in streamed
     assert "| ZeRO | stage 3, 2 ranks, bf16 training, saved by DeepSpeed 0.19.8 |" in streamed
     assert "max abs diff 7.15e-07, top-1 agreement 1.0000 over 4 layers." in streamed
     assert "reloaded with the plain Auto class" not in streamed
-    in_memory = modelcard.render(INFO, dtype="bf16", merged=IN_MEMORY[0], save_parity=IN_MEMORY[1].parity)
+    assert (
+        "| tokenizer | `/models/base` |\n| chat template | none |\n| generation config | `/models/base` |" in streamed
+    )
+    assert "agree with the tokenizer" in streamed and "rewritten" not in streamed
+    in_memory = modelcard.render(
+        INFO, dtype="bf16", merged=IN_MEMORY[0], save_parity=IN_MEMORY[1].parity, served=ALIGNED
+    )
     assert "PEFT `merge_and_unload`, fp32" in in_memory
     assert "This bf16 model reloaded with the plain Auto class vs the fp32 merge: max abs diff 0.01" in in_memory
-    assert modelcard.render(INFO, dtype="bf16", merged=STREAMED[0], save_parity=None) == streamed  # no timestamps
+    assert "| chat template | `/runs/a/checkpoint-6` |" in in_memory
+    assert "- generation_config.json eos_token_id: 2 -> [2, 260] (the tokenizer's eos_token <|im_end|>)" in in_memory
+    again = modelcard.render(INFO, dtype="bf16", merged=STREAMED[0], save_parity=None, served=STREAMED[1].served)
+    assert again == streamed  # no timestamps

@@ -17,9 +17,10 @@ from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.options import Source
 from zero2merged.parity import MERGE_TOLERANCE, compare_models, probe_inputs
+from zero2merged.serving import carry_tokenizer
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
-from zero2merged.stages.save import carry_tokenizer, check_output_free, partial_path
+from zero2merged.stages.save import check_output_free, partial_path
 from zero2merged.verification import unmerged_model
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 
-from zero2merged.results import CheckpointInfo, MergeResult, Parity
+from zero2merged.results import CheckpointInfo, MergeResult, Parity, Served
 
 LIBRARIES = ("zero2merged", "deepspeed", "peft", "transformers", "torch", "safetensors")
 
@@ -22,7 +22,7 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity: Parity | None) -> str:
+def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity: Parity | None, served: Served) -> str:
     """The card's Markdown, front matter first (the Hugging Face Hub reads ``base_model`` and ``tags``).
 
     Args:
@@ -30,6 +30,7 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
         dtype: The output dtype's short name.
         merged: Stage 5's result: the merged vs unmerged parity.
         save_parity: In memory, the saved model reloaded vs the fp32 merge (None when streaming).
+        served: Where the tokenizer, chat template and generation config came from, and what was changed.
     """
     layout, lora = info.layout, info.lora_config
     versions = library_versions()
@@ -99,7 +100,37 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
         "",
         *checks,
         "",
+        *_serving(served),
         "Check it again at any time: `zero2merged verify <this folder> --checkpoint <source checkpoint>`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _serving(served: Served) -> list[str]:
+    """The serving files' section: where each came from, and each special token id rewritten."""
+
+    def source(path: str | None) -> str:
+        return f"`{path}`" if path else "none"
+
+    lines = [
+        "## Serving files",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| tokenizer | {source(served.tokenizer_from)} |",
+        f"| chat template | {source(served.chat_template_from)} |",
+        f"| generation config | {source(served.generation_config_from)} |",
+        "",
+    ]
+    if served.changed:
+        lines += [
+            "Special token ids rewritten to name the tokenizer's tokens (the base's files disagreed with the "
+            "tokenizer the run used):",
+            "",
+            *(f"- {change}" for change in served.changed),
+            "",
+        ]
+    elif served.tokenizer_from:
+        lines += ["The special token ids in `config.json` and `generation_config.json` agree with the tokenizer.", ""]
+    return lines

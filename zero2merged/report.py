@@ -72,6 +72,7 @@ class ConvertReport:
                 f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {saved.parity.max_abs_diff:.3g}, "
                 f"top-1 agreement {saved.parity.top1_agreement:.4f}"
             )
+        lines += [f"  special token ids rewritten: {change}" for change in saved.served.changed]
         lines += [f"  note: {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -303,6 +303,24 @@ class MergeResult(StageResult):
 
 
 @dataclass
+class Served(Record):
+    """Where a merged model's serving files came from, and what was rewritten so that they agree.
+
+    Attributes:
+        tokenizer_from: The tokenizer's source folder (None: neither the run nor the base has one).
+        chat_template_from: The chat template's source (None: there is none).
+        generation_config_from: The generation config's source (None: the model has none).
+        changed: Each special token id rewritten in ``config.json`` or ``generation_config.json`` to name the
+            tokenizer's token, a line each.
+    """
+
+    tokenizer_from: str | None = None
+    chat_template_from: str | None = None
+    generation_config_from: str | None = None
+    changed: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SaveResult(StageResult):
     """The output folder stage 6 put in place.
 
@@ -311,7 +329,7 @@ class SaveResult(StageResult):
         dtype: The weights' dtype.
         files: Files in it.
         bytes: Their size.
-        tokenizer_from: Where the tokenizer was taken from (None: no tokenizer found).
+        served: Where the tokenizer, chat template and generation config came from, and what was changed.
         parity: In memory: the saved model reloaded vs the fp32 merge.
     """
 
@@ -319,11 +337,11 @@ class SaveResult(StageResult):
     dtype: str
     files: int
     bytes: int
-    tokenizer_from: str | None
+    served: Served
     parity: Parity | None = None
 
     def metrics(self) -> dict:
-        return {key: value for key, value in self.to_dict().items() if value is not None or key == "tokenizer_from"}
+        return {key: value for key, value in self.to_dict().items() if value is not None}
 
     def headline(self) -> str:
         return f"{self.files} files, {human_size(self.bytes)}"

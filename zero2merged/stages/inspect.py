@@ -20,6 +20,8 @@ from zero2merged.manifest import files_stat
 from zero2merged.options import Source
 from zero2merged.results import CheckpointInfo, ZeroLayout
 from zero2merged.runner import Stage
+from zero2merged.serving import notes as serving_notes
+from zero2merged.serving import serving_files
 from zero2merged.zero import read_layout
 
 INFERRED = "inferred from the checkpoint's keys"  # adapter_config_path when no config was saved
@@ -215,8 +217,19 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
     return features, []
 
 
-def _warnings(layout: ZeroLayout, folder: Path) -> list[str]:
-    notes = []
+# Accelerate's save_state names the engine checkpoint of its first prepared model ``pytorch_model`` and of
+# the next ones ``pytorch_model_1``, ...; DeepSpeed points ``latest`` at each in turn, so at the last.
+ACCELERATE_TAG = re.compile(r"pytorch_model(_\d+)?")
+
+
+def _warnings(layout: ZeroLayout, where: Location) -> list[str]:
+    folder, notes = where.folder, []
+    models = [tag for tag in where.tags if ACCELERATE_TAG.fullmatch(tag)]
+    if len(models) > 1:
+        notes.append(
+            f"Accelerate saved {len(models)} models here ({', '.join(models)}): {where.tag} is converted; "
+            "--tag names another (the first prepared model is pytorch_model)"
+        )
     if (folder / "adapter_model.safetensors").is_file():
         notes.append(
             "the checkpoint's adapter_model.safetensors holds the Trainer's 16-bit copies of the adapter "
@@ -280,7 +293,7 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         base_model=base,
         features=describe(lora, keys) + base_traits,
         inferred=inferred,
-        warnings=_warnings(layout, folder) + base_warnings,
+        warnings=_warnings(layout, where) + base_warnings + serving_notes(folder, base),
     )
 
 
@@ -310,6 +323,7 @@ class Inspect(Stage[CheckpointInfo]):
             "adapter_config": files_stat(
                 [p for p in adapter_config_candidates(self.where.folder, self.source.adapter_config) if p.is_file()]
             ),
+            "serving": files_stat(serving_files(self.where.folder)),
         }
 
     def run(self) -> CheckpointInfo:

@@ -1,8 +1,9 @@
 """Stage 6, save: the merged model as ``save_pretrained`` writes it, verified before it is put in place.
 
 The model is assembled beside the output (``.<name>.zero2merged-partial``) in the chosen dtype, sharded with
-an index, tied weights written once, with the tokenizer, generation config and model card, and renamed into
-place only once verified: the output folder never holds a model that looks complete but is not.
+an index, tied weights written once, with the tokenizer, chat template, generation config (their special token
+ids made to agree: see :mod:`zero2merged.serving`) and model card, and renamed into place only once verified:
+the output folder never holds a model that looks complete but is not.
 
 Streaming (:func:`publish`), stage 5 already wrote the weights and configs: they are hard-linked in and
 checked against the model the plain Auto class builds from the saved config. In memory (:func:`save`),
@@ -25,23 +26,14 @@ from zero2merged import modelcard, names
 from zero2merged.basemodel import load_base, saved_dtypes
 from zero2merged.dtypes import TORCH_DTYPES
 from zero2merged.errors import OutputError, VerificationError
+from zero2merged.manifest import files_stat
 from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.parity import SAVE_TOLERANCES, compare_routed, routes_from_tensors
-from zero2merged.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult
+from zero2merged.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult, Served
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
+from zero2merged.serving import generation_config_sources, serve
 from zero2merged.stages.rebuild import base_fingerprint
-
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-# What a vision-language (or other multimodal) model's folder holds beside the tokenizer for serving: its
-# processor's files, copied as they are (an image processor needs PIL or torchvision to be loaded and saved).
-PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
 
 
 class Save(Stage[SaveResult]):
@@ -75,7 +67,6 @@ class Save(Stage[SaveResult]):
     ):
         self.info, self.rebuilt, self.merged, self.work_dir, self.output = info, rebuilt, merged, work_dir, output
         self.dtype, self.max_shard_size, self.streaming = dtype, max_shard_size, streaming
-        self.tokenizer_sources = [info.checkpoint, info.base_model]  # the run's own tokenizer first
 
     def inputs(self) -> dict:
         return {
@@ -83,7 +74,10 @@ class Save(Stage[SaveResult]):
             "dtype": self.dtype,
             "max_shard_size": self.max_shard_size,
             "tolerance": None if self.streaming else SAVE_TOLERANCES[self.dtype].to_dict(),
-            "tokenizer": [base_fingerprint(str(source)) for source in self.tokenizer_sources],
+            "serving": [base_fingerprint(source) for source in (self.info.checkpoint, self.info.base_model)],
+            "generation_config": files_stat(
+                [p for p in generation_config_sources(self.info.checkpoint) if p.is_file()]
+            ),
         }
 
     def root(self, work_dir: Path) -> Path:
@@ -98,8 +92,10 @@ class Save(Stage[SaveResult]):
     def run(self) -> SaveResult:
         check_output_free(self.output)
 
-        def card(save_parity: Parity | None) -> str:
-            return modelcard.render(self.info, dtype=self.dtype, merged=self.merged, save_parity=save_parity)
+        def card(save_parity: Parity | None, served: Served) -> str:
+            return modelcard.render(
+                self.info, dtype=self.dtype, merged=self.merged, save_parity=save_parity, served=served
+            )
 
         if self.streaming:
             return publish(
@@ -107,7 +103,7 @@ class Save(Stage[SaveResult]):
                 self.output,
                 auto_class=self.rebuilt.auto_class,
                 dtype=self.dtype,
-                tokenizer_sources=self.tokenizer_sources,
+                info=self.info,
                 card=card,
             )
         return save(
@@ -116,7 +112,7 @@ class Save(Stage[SaveResult]):
             auto_class=self.rebuilt.auto_class,
             dtype=self.dtype,
             max_shard_size=self.max_shard_size,
-            tokenizer_sources=self.tokenizer_sources,
+            info=self.info,
             card=card,
         )
 
@@ -139,8 +135,8 @@ def save(
     auto_class: str,
     dtype: str,
     max_shard_size: int,
-    tokenizer_sources: list[Path | str],
-    card: Callable[[Parity | None], str],
+    info: CheckpointInfo,
+    card: Callable[[Parity | None, Served], str],
 ) -> SaveResult:
     """Stage 6 (in memory): write the merged model to ``output`` in ``dtype``; verify; move into place.
 
@@ -150,8 +146,8 @@ def save(
         auto_class: transformers Auto class name that loads the model.
         dtype: ``fp32``, ``bf16`` or ``fp16``.
         max_shard_size: Largest shard, e.g. ``"5GB"``.
-        tokenizer_sources: Folders to take the tokenizer from, first match wins.
-        card: The model card's text, given this stage's parity figures.
+        info: Stage 1's result (the run's and the base's folders, for the serving files).
+        card: The model card's text, given this stage's parity figures and the serving files' sources.
 
     Returns:
         What was written, with the parity of the saved model with the fp32 merge.
@@ -162,7 +158,7 @@ def save(
     model = load_base(auto_class, str(work_dir / names.MERGED), TORCH_DTYPES[dtype])
     staged = fresh_dir(partial_path(output))
     model.save_pretrained(staged, max_shard_size=max_shard_size)
-    tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
+    served = serve(staged, info.checkpoint, info.base_model)
 
     probes = load_file(work_dir / names.PROBES)
     reference = probes.pop("merged")
@@ -170,10 +166,10 @@ def save(
     routes = routes_from_tensors(probes)
     parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference, routes)
     parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
-    (staged / names.MODEL_CARD).write_text(card(parity))
+    (staged / names.MODEL_CARD).write_text(card(parity, served))
 
     replace_dir(staged, output)
-    return _written(output, dtype, tokenizer_from, parity)
+    return _written(output, dtype, served, parity)
 
 
 def publish(
@@ -182,8 +178,8 @@ def publish(
     *,
     auto_class: str,
     dtype: str,
-    tokenizer_sources: list[Path | str],
-    card: Callable[[Parity | None], str],
+    info: CheckpointInfo,
+    card: Callable[[Parity | None, Served], str],
 ) -> SaveResult:
     """Stage 6 (streaming): put the model files stage 5 wrote in place, with the tokenizer, verified.
 
@@ -193,7 +189,7 @@ def publish(
     every one where the index says. Stage 5 already checked each merged layer's outputs and wrote the bytes.
 
     Returns:
-        What was written, and where the tokenizer came from.
+        What was written, and where its serving files came from.
 
     Raises:
         VerificationError: the files do not describe a model the Auto class loads without complaint.
@@ -201,21 +197,21 @@ def publish(
     staged = fresh_dir(partial_path(output))
     for file in files_in(work_dir / names.MERGED):
         _link_or_copy(file, staged / file.name)
-    tokenizer_from = carry_tokenizer(tokenizer_sources, staged)
+    served = serve(staged, info.checkpoint, info.base_model)
     _check_structure(staged, auto_class, TORCH_DTYPES[dtype])
-    (staged / names.MODEL_CARD).write_text(card(None))
+    (staged / names.MODEL_CARD).write_text(card(None, served))
     replace_dir(staged, output)
-    return _written(output, dtype, tokenizer_from, None)
+    return _written(output, dtype, served, None)
 
 
-def _written(output: Path, dtype: str, tokenizer_from: str | None, parity: Parity | None) -> SaveResult:
+def _written(output: Path, dtype: str, served: Served, parity: Parity | None) -> SaveResult:
     files = files_in(output)
     return SaveResult(
         output=str(output),
         dtype=dtype,
         files=len(files),
         bytes=sum(f.stat().st_size for f in files),
-        tokenizer_from=tokenizer_from,
+        served=served,
         parity=parity,
     )
 
@@ -252,25 +248,6 @@ def _check_structure(staged: Path, auto_class: str, dtype: torch.dtype) -> None:
         raise VerificationError(f"{index} does not map every weight to the shard holding it")
     if not index.is_file() and list(set(where.values())) != [names.WEIGHTS]:
         raise VerificationError(f"{staged} holds several weight files but no {names.WEIGHTS_INDEX}")
-
-
-def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
-    """Save the tokenizer of the first source that has one into ``staged``, and each processor file from the
-    first source that has it (copied as it is; the tokenizer's own chat template is not written over);
-    returns the tokenizer's source."""
-    from transformers import AutoTokenizer
-
-    carried = None
-    for source in sources:
-        if any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(staged)
-            carried = str(source)
-            break
-    for name in PROCESSOR_FILES:
-        found = next((Path(source) / name for source in sources if (Path(source) / name).is_file()), None)
-        if found is not None and not (staged / name).exists():
-            shutil.copyfile(found, staged / name)
-    return carried
 
 
 def _check_reload(
