@@ -21,9 +21,9 @@ from pathlib import Path
 from zero2merged.results import Served
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # A multimodal model's processor files, beside the tokenizer: copied as they are (an image processor needs PIL
 # or torchvision to be loaded and saved again).
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 PROCESSOR_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
@@ -92,7 +92,7 @@ def serve(staged: Path, checkpoint: Path | str, base: Path | str) -> Served:
 def _chat_template_source(staged: Path, tokenizer_from: str | None, sources: list[Path | str]) -> str | None:
     """The folder the output's chat template came from: the tokenizer's, when its own files hold one (in a
     template file or inside ``tokenizer_config.json``), else the first source with a template file."""
-    if not any((staged / name).is_file() for name in CHAT_TEMPLATE_FILES) and not _has_template(staged):
+    if not _has_template(staged):
         return None
     if tokenizer_from is not None and _has_template(Path(tokenizer_from)):
         return tokenizer_from
@@ -100,6 +100,7 @@ def _chat_template_source(staged: Path, tokenizer_from: str | None, sources: lis
 
 
 def _has_template(folder: Path) -> bool:
+    """Whether a folder's files hold a chat template (a template file, or inside the tokenizer's config)."""
     if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
         return True
     config = folder / "tokenizer_config.json"
