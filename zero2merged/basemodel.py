@@ -6,6 +6,7 @@ Shared by inspect (which looks at the base on the meta device, without weights) 
 from __future__ import annotations
 
 import pickle
+import reprlib
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ AUTO_CLASS_MAPPINGS = [
 def base_config(base_model: str):
     from transformers import AutoConfig
 
+    if base_model.startswith(("/", "./", "../", "~")) and not Path(base_model).expanduser().exists():
+        # A path, not a hub id: say so, rather than the hub's complaint about the id's characters
+        raise BaseModelError(f"the base model {base_model} does not exist; pass --base-model with its folder")
     try:
         return AutoConfig.from_pretrained(base_model, trust_remote_code=False)  # never a model folder's code
     except (OSError, ValueError, KeyError) as e:
@@ -136,12 +140,17 @@ def is_vision_language(model) -> bool:
 
 
 def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
-    """``AutoX.from_pretrained`` with errors turned into one line for the user."""
+    """``AutoX.from_pretrained`` with errors turned into one line for the user; a folder's weight index and
+    safetensors headers are checked first (:func:`check_weight_files`)."""
     import transformers
+    from safetensors import SafetensorError
 
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     try:
         return getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:  # a .bin's refused pickle
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+        # pickle: a .bin's refused pickle; SafetensorError: a file the library refuses that passed our checks
         raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {first_line(e)}") from e
 
 
@@ -165,34 +174,93 @@ WEIGHT_FILES = [
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 ]
+MAX_INDEX_BYTES = 100_000_000  # a weight index lists names: even the largest models' take a few MB
 
 
 def weight_files(folder: Path) -> list[Path]:
     """A model folder's weight files, as ``from_pretrained`` finds them: the shards a ``*.index.json`` lists
-    (each a file of the folder itself), or the single file; safetensors before ``.bin``.
+    (each a file of the folder itself, of the index's kind), or the single file; safetensors before ``.bin``.
+    The index and each safetensors header are checked whole before anything is read by their word.
 
     Raises:
-        BaseModelError: no weight file, or an index naming a file outside the folder or not there.
+        BaseModelError: no weight file; an index that is not a weight map of file names (too large, not
+            JSON, empty), or names a file outside the folder or not there; a damaged safetensors header.
     """
-    import json
+    files = _weight_files(folder)
+    if files is None:
+        raise BaseModelError(
+            f"{folder} holds no model weights (model.safetensors, pytorch_model.bin, or the index of "
+            "their shards); pass --base-model with the base model's folder"
+        )
+    return files
+
+
+def check_weight_files(folder: Path) -> None:
+    """Check a folder's weight index and safetensors headers as :func:`weight_files` does, where it has
+    any: ``from_pretrained`` trusts them (a header claiming 2^60 bytes is a ``MemoryError`` there). A folder
+    without them is left for ``from_pretrained`` to say what it lacks."""
+    _weight_files(folder)
+
+
+def _weight_files(folder: Path) -> list[Path] | None:
+    from zero2merged.safetensors_io import HeaderError, read_header
 
     for index_name, single in WEIGHT_FILES:
         index = folder / index_name
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise BaseModelError(f"cannot read the weight index {index}: {first_line(e)}") from e
-            for shard in shards:
-                if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
-                    raise BaseModelError(f"{index} names a weight file {shard!r} that is not a file of {folder}")
-            return [folder / shard for shard in shards]
-        if (folder / single).is_file():
-            return [folder / single]
-    raise BaseModelError(
-        f"{folder} holds no model weights (model.safetensors, pytorch_model.bin, or the index of "
-        "their shards); pass --base-model with the base model's folder"
-    )
+            files = [folder / shard for shard in _index_shards(index, Path(single).suffix)]
+        elif (folder / single).is_file():
+            files = [folder / single]
+        else:
+            continue
+        for file in files:
+            if file.suffix == ".safetensors":
+                try:
+                    read_header(file)
+                except HeaderError as e:
+                    raise BaseModelError(f"{e}; get an intact copy of the model") from e
+                except OSError as e:
+                    raise BaseModelError(f"cannot read the weight file {file}: {first_line(e)}") from e
+        return files
+    return None
+
+
+def _index_shards(index: Path, suffix: str) -> list[str]:
+    """The files a weight index maps weights to, each checked to be a ``suffix`` file of the index's folder."""
+    import json
+
+    try:
+        with open(index, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)  # bounded, whatever the file's size
+        if len(raw) > MAX_INDEX_BYTES:
+            raise BaseModelError(
+                f"{index} is larger than a weight index can be ({MAX_INDEX_BYTES} bytes); the file is "
+                "damaged or not a weight index"
+            )
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        raise BaseModelError(f"cannot read the weight index {index}: {first_line(e)}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise BaseModelError(
+            f"cannot read the weight index {index}: it holds no weight_map object (weight name -> file); "
+            "the file is damaged or not a weight index"
+        )
+    if not weight_map:
+        raise BaseModelError(f"the weight index {index} maps no weights to files; the file is damaged")
+    folder = index.parent
+    shards = set()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise BaseModelError(f"{index} maps {name!r} to {reprlib.repr(shard)}, not a file name")
+        shards.add(shard)
+    for shard in sorted(shards):
+        # A bare name of a file of this folder (a link, as in the Hugging Face cache, may lead elsewhere).
+        if Path(shard).name != shard or shard in ("", ".", "..") or not (folder / shard).is_file():
+            raise BaseModelError(f"{index} names a weight file {shard!r} that is not a file of {folder}")
+        if not shard.endswith(suffix):
+            raise BaseModelError(f"{index} names a weight file {shard!r} that is not a {suffix} file")
+    return sorted(shards)
 
 
 def meta_model(auto_name: str, config):

@@ -29,21 +29,28 @@ class PickledWeights:
     def __init__(self, path: Path):
         self.path, self.mapped = path, True
         try:
-            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                loaded = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pre-zip) file: no mmap
+                self.mapped = False
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0][:200]
             raise BaseModelError(
-                f"{path} holds pickled objects other than tensors ({first}); refusing to load it "
+                f"{path} holds pickled objects other than tensors ({_first_line(e)}); refusing to load it "
                 "(a pickle can run code): convert the base to safetensors where it came from"
             ) from e
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise BaseModelError(f"cannot read the base's weights {path}: {str(e).splitlines()[0][:200]}") from e
-            loaded = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pre-zip) file: no mmap
-            self.mapped = False
-        except (OSError, EOFError, ValueError) as e:
-            raise BaseModelError(f"cannot read the base's weights {path}: {str(e).splitlines()[0][:200]}") from e
-        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+        except (RuntimeError, OSError, EOFError, ValueError, MemoryError, OverflowError) as e:
+            # Damaged: torch checks each record against the sizes the pickle claims (RuntimeError), a legacy
+            # file's claim may be past what can be allocated (MemoryError, or RuntimeError from torch's own).
+            raise BaseModelError(
+                f"cannot read the base's weights {path}: {_first_line(e)}; the file is damaged or not a "
+                "PyTorch weight file"
+            ) from e
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in loaded.items()
+        ):
             raise BaseModelError(f"{path} is not a state dict (names to tensors); is it a model's weight file?")
         self.tensors: dict[str, torch.Tensor] = loaded
 
@@ -91,3 +98,8 @@ class PickledWeights:
         step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
         for first in range(0, shape[0], step):
             yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

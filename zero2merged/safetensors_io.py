@@ -10,18 +10,25 @@ One extension, for the work directory only: a file may also list *referenced* te
 where they already are (byte ranges of other files, such as a checkpoint's rank files) instead of being
 copied in; they are named in the ``zero2merged.references`` metadata entry, and :class:`Reader` reads them
 like the others. Such a file holds no data for them, so other safetensors readers do not see them.
+
+Nothing in a header is trusted: :func:`read_header` checks it whole against the file (and each reference
+against the file it names) before anything is allocated or read by its word, and raises :class:`HeaderError`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import reprlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from zero2merged.errors import Zero2MergedError
 
 # safetensors' dtype names, in the order of its Rust enum: save_file lays tensors out by this order
 # (highest first), then by name.
@@ -41,6 +48,9 @@ _RANK = {name: rank for rank, name in enumerate(SAFETENSORS_DTYPES.values())}
 _FROM_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
 REFERENCES_KEY = "zero2merged.references"  # metadata: name -> dtype, shape and the byte ranges holding it
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers (its N_MAX)
+DAMAGED = "the file is damaged or not a safetensors file"
 
 # Where a tensor's bytes lie, in order: (file, byte offset in it, bytes).
 Ranges = list[tuple[str, int, int]]
@@ -185,16 +195,19 @@ class Reader:
     """Reads tensors of one safetensors file with ``pread``: no mapping, so nothing read stays resident.
 
     Referenced tensors (see the module's doc) are read from the files their ranges name.
+
+    Args:
+        path: The file.
+        observe: Called with ``(file, offset, bytes)`` for every byte range read, as it is read (a
+            :class:`~zero2merged.zipcheck.RecordCheck` of the files references lead to).
+
+    Raises:
+        HeaderError: the header (or a reference) cannot describe this file (see :func:`read_header`).
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            self.header = json.loads(f.read(length))
-        self.metadata: dict[str, str] = self.header.pop("__metadata__", {}) or {}
-        self.data_start = 8 + length
-        self.references: dict[str, dict] = json.loads(self.metadata.get(REFERENCES_KEY, "{}"))
+    def __init__(self, path: Path, observe: Callable[[str, int, memoryview], None] | None = None):
+        self.path, self.observe = path, observe
+        self.header, self.metadata, self.data_start, self.references = read_header(path)
 
     def keys(self) -> list[str]:
         return [*self.header, *self.references]
@@ -248,6 +261,8 @@ class Reader:
                         if got <= 0:
                             raise OSError(f"{file} is truncated: {name} ends past the end of the file")
                         done += got
+                if self.observe is not None:
+                    self.observe(file, offset + lo - at, view[lo - begin : hi - begin])
             at += nbytes
 
     def chunks(
@@ -262,6 +277,160 @@ class Reader:
         step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
         for first in range(0, shape[0], step):
             yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
+
+
+class HeaderError(Zero2MergedError, OSError):
+    """A safetensors file whose header cannot describe it (damaged, truncated, or not safetensors at all), or
+    a store whose references cannot be right. The message is one line, naming the file and what is wrong.
+
+    An ``OSError`` too, as a file found truncated while reading always was. Whoever knows whose file it is
+    may say so with its own error (the base model's: ``BaseModelError``).
+    """
+
+
+Header = tuple[dict[str, dict], dict[str, str], int, dict[str, dict]]
+
+
+def read_header(path: Path) -> Header:
+    """The header of a safetensors file, every entry checked against the file before anything is allocated
+    by its word: the length within the file (and safetensors' own bound), a UTF-8 JSON object, each tensor
+    a known dtype and a shape of counts whose bytes its ``data_offsets`` span exactly, inside the data,
+    overlapping no other; the metadata strings; each reference (see the module's doc) a byte range within
+    its file, the ranges together the tensor's bytes. Costs one read of the header and a stat per file.
+
+    Returns:
+        ``(tensor entries, metadata, where the data starts, referenced entries)``.
+
+    Raises:
+        HeaderError: any of that is not so.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise HeaderError(f"{path}: {size} bytes, too short for a safetensors file (8 or more); {DAMAGED}")
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            bound = "" if length <= MAX_HEADER_BYTES else f" (safetensors allows {MAX_HEADER_BYTES})"
+            raise HeaderError(
+                f"{path}: the safetensors header claims {length} bytes{bound} but the file holds {size}; {DAMAGED}"
+            )
+        blob = f.read(length)
+    if len(blob) != length:  # shrunk since the fstat
+        raise HeaderError(f"{path}: the file ends inside its {length}-byte header; {DAMAGED}")
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise HeaderError(f"{path}: the header is not UTF-8 JSON ({_first_line(e)}); {DAMAGED}") from e
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path}: the header is a JSON {type(header).__name__}, not an object; {DAMAGED}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError(f"{path}: __metadata__ is not a map of strings to strings; {DAMAGED}")
+    data_bytes = size - 8 - length
+    extents = []
+    for name, entry in header.items():
+        nbytes = _entry_bytes(path, name, entry)
+        offsets = entry.get("data_offsets")
+        if type(offsets) is not list or len(offsets) != 2 or not _is_count(offsets[0]) or not _is_count(offsets[1]):
+            raise HeaderError(
+                f"{path}: tensor {_short(name)}: its data_offsets {_short(offsets)} are not [begin, end]; {DAMAGED}"
+            )
+        begin, end = offsets
+        if end - begin != nbytes:
+            raise HeaderError(
+                f"{path}: tensor {_short(name)}: its data_offsets [{begin}, {end}] span {end - begin} bytes, "
+                f"the dtype and shape need {nbytes}; {DAMAGED}"
+            )
+        if end > data_bytes:
+            raise HeaderError(
+                f"{path}: {_short(name)} ends at byte {end} of the data, which holds {data_bytes}; the file is "
+                "truncated or damaged"
+            )
+        if end > begin:  # an empty tensor overlaps nothing
+            extents.append((begin, end, name))
+    extents.sort()
+    for (_, end, name), (begin, _, other) in itertools.pairwise(extents):
+        if begin < end:
+            raise HeaderError(f"{path}: {_short(name)} and {_short(other)} overlap in the file; {DAMAGED}")
+    references = _references(path, metadata, header)
+    return header, metadata, 8 + length, references
+
+
+def _references(path: Path, metadata: dict[str, str], header: dict) -> dict[str, dict]:
+    """The referenced entries of the metadata, each checked: its ranges within their files, of its size."""
+    if REFERENCES_KEY not in metadata:
+        return {}
+    try:
+        listed = json.loads(metadata[REFERENCES_KEY])
+    except (ValueError, RecursionError) as e:
+        raise HeaderError(f"{path}: its {REFERENCES_KEY} are not JSON ({_first_line(e)}); {DAMAGED}") from e
+    if not isinstance(listed, dict):
+        raise HeaderError(f"{path}: its {REFERENCES_KEY} are not a JSON object; {DAMAGED}")
+    sizes: dict[str, int] = {}  # each referenced file stat'ed once
+    for name, entry in listed.items():
+        if name in header:
+            raise HeaderError(f"{path}: {_short(name)} is both in the file and referenced; {DAMAGED}")
+        nbytes = _entry_bytes(path, name, entry)
+        ranges = entry.get("ranges")
+        if not isinstance(ranges, list) or not all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _is_count(r[1]) and _is_count(r[2])
+            for r in ranges
+        ):
+            raise HeaderError(
+                f"{path}: tensor {_short(name)}: its ranges are not [[file, offset, bytes], ...]; {DAMAGED}"
+            )
+        for file, offset, count in ranges:
+            if file not in sizes:
+                try:
+                    sizes[file] = os.stat(file).st_size
+                except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+                    raise HeaderError(
+                        f"{path}: {_short(name)} is referenced in {_short(file)}, which cannot be read ({e})"
+                    ) from e
+            if offset + count > sizes[file]:
+                raise HeaderError(
+                    f"{path}: {_short(name)} is referenced at bytes [{offset}, {offset + count}) of "
+                    f"{_short(file)}, which holds {sizes[file]}; the file changed since it was referenced, or the "
+                    "reference is damaged"
+                )
+        if sum(count for _, _, count in ranges) != nbytes:
+            raise HeaderError(
+                f"{path}: tensor {_short(name)}: its ranges hold {sum(c for _, _, c in ranges)} bytes, "
+                f"the dtype and shape need {nbytes}; {DAMAGED}"
+            )
+    return listed
+
+
+def _entry_bytes(path: Path, name: str, entry) -> int:
+    """The bytes a tensor entry's dtype and shape call for (both checked)."""
+    if not isinstance(entry, dict):
+        raise HeaderError(
+            f"{path}: {_short(name)} is described by a JSON {type(entry).__name__}, not an object; {DAMAGED}"
+        )
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if type(dtype) is not str or dtype not in _FROM_NAME:
+        raise HeaderError(
+            f"{path}: {_short(name)} has dtype {_short(dtype)}, not one zero2merged reads ({', '.join(_FROM_NAME)})"
+        )
+    if type(shape) is not list or not all(type(n) is int and 0 <= n <= _MAX_DIM for n in shape):
+        raise HeaderError(f"{path}: tensor {_short(name)}: its shape {_short(shape)} is not a list of sizes; {DAMAGED}")
+    return math.prod(shape) * _FROM_NAME[dtype].itemsize
+
+
+_MAX_DIM = (1 << 63) - 1  # torch's sizes are int64
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0  # not a bool, a float, or negative
+
+
+def _short(value) -> str:
+    return reprlib.repr(value)  # bounded, however large the value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class Readers(dict):
