@@ -89,13 +89,14 @@ def streamed(info: CheckpointInfo, root: Path, output: Path, max_shard_size: int
 
 def in_memory(info: CheckpointInfo, root: Path, output: Path, max_shard_size: int):
     """Stages 3 to 6 of the in-memory conversion."""
-    from zero2merged.stages.load import load_weights, read_consolidated
+    from zero2merged.stages.load import load_weights, open_consolidated, read_consolidated
     from zero2merged.stages.merge import merge
     from zero2merged.stages.rebuild import rebuild
     from zero2merged.stages.save import save
 
     model, rebuilt = rebuild(info)
-    load_weights(model, read_consolidated(root / "consolidated.safetensors"), info, resized_vocab=rebuilt.resized_vocab)
+    tensors = read_consolidated(*open_consolidated(root / "consolidated.safetensors"))
+    load_weights(model, tensors, info, resized_vocab=rebuilt.resized_vocab)
     work = root / "work"
     work.mkdir()
     merge(model, work)

@@ -15,6 +15,7 @@ ZERO_STAGE = "zero_stage"
 PARTITION_COUNT = "partition_count"
 FP32_FLAT_GROUPS = "fp32_flat_groups"  # ZeRO-3 masters
 SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"  # ZeRO-1/2 masters
+BASE_OPTIMIZER_STATE = "base_optimizer_state"  # ZeRO-1/2: the wrapped optimizer's (Adam's) own state
 PARAM_ALIGNMENT_PADDINGS = "param_alignment_paddings"
 PARAM_SHAPES = "param_shapes"
 BUFFER_NAMES = "buffer_names"

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from zero2merged.results import CheckpointInfo, MergeResult, SaveResult, StageResult, human_size
+from zero2merged.results import Checked, CheckpointInfo, MergeResult, SaveResult, StageResult, human_size
 
 
 @dataclass
@@ -72,6 +72,12 @@ class ConvertReport:
                 f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {saved.parity.max_abs_diff:.3g}, "
                 f"top-1 agreement {saved.parity.top1_agreement:.4f}"
             )
+        checked = [s.result.checked for s in self.stages if s.status == "ran" and hasattr(s.result, "checked")]
+        if any(c.records for c in checked):
+            lines.append(
+                f"  rank files: the CRC-32 of the {sum(c.records for c in checked)} records read matches "
+                f"({human_size(sum(c.bytes for c in checked))})"
+            )
         lines += [f"  special token ids rewritten: {change}" for change in saved.served.changed]
         lines += [f"  note: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -124,3 +130,11 @@ def format_info(info: CheckpointInfo) -> str:
     lines = [f"{name:12} {value}" for name, value in rows if value not in ("", None)]
     lines += [f"note: {w}" for w in info.warnings]
     return "\n".join(lines)
+
+
+def format_checked(checked: Checked, files: int) -> str:
+    """``inspect --check``'s finding (a damaged record is an error instead)."""
+    return (
+        f"{'records':12} every one of the {checked.records} records of the {files} rank files is intact "
+        f"(CRC-32 of {human_size(checked.bytes)} in {checked.seconds:.1f} s)"
+    )

@@ -159,8 +159,24 @@ class CheckpointInfo(StageResult):
 
 
 @dataclass
+class Checked(Record):
+    """The CRC-32 checks of the rank files' zip records a stage read (see :mod:`zero2merged.zipcheck`).
+
+    Attributes:
+        records: Records checked.
+        bytes: Their bytes.
+        seconds: Time spent computing CRC-32s (and reading the bytes of a record the stage skipped).
+    """
+
+    records: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class ConsolidateResult(StageResult):
-    """Stage 2's store: tensors by kind, its size on disk, the parameters it holds."""
+    """Stage 2's store: tensors by kind, its size on disk, the parameters it holds, and the CRC-32 checks of
+    the rank files' records it read (the masters; the frozen params are checked by stage 4)."""
 
     trainable: int
     frozen: int
@@ -168,6 +184,7 @@ class ConsolidateResult(StageResult):
     buffers: int
     bytes: int
     parameters: int
+    checked: Checked = field(default_factory=Checked)
 
     def headline(self) -> str:
         return f"{self.trainable} trainable + {self.frozen} frozen tensors, {human_size(self.bytes)}"
@@ -223,6 +240,7 @@ class LoadResult(StageResult):
         frozen_checked: Saved frozen tensors compared with the base's.
         frozen_mismatched: Those that differ (kept only with ``ignore_base_mismatch``).
         sources: Streaming: wrapper key -> ``[file, name in that file]``.
+        checked: The CRC-32 checks of the rank files' records holding the saved frozen params, as they were read.
     """
 
     from_checkpoint: int
@@ -230,6 +248,7 @@ class LoadResult(StageResult):
     frozen_checked: int
     frozen_mismatched: list[str]
     sources: dict[str, list[str]] = field(default_factory=dict)
+    checked: Checked = field(default_factory=Checked)
 
     def metrics(self) -> dict:
         return {key: value for key, value in self.to_dict().items() if key != "sources"}

@@ -42,7 +42,7 @@ import math
 import mmap
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -53,6 +53,8 @@ from zero2merged.dtypes import SHORT_NAMES
 from zero2merged.errors import CheckpointError
 from zero2merged.options import Tuning
 from zero2merged.results import ZeroLayout
+from zero2merged.safetensors_io import tensor_bytes
+from zero2merged.zipcheck import RecordCheck, archive_name, check_files, check_pickle
 
 
 class _Record:
@@ -92,8 +94,10 @@ def load_pt(path: Path) -> dict:
     (unless within :func:`trusting_pickles`).
 
     Raises:
-        CheckpointError: the file is unreadable, truncated, or holds objects that are not allowed.
+        CheckpointError: the file is unreadable, truncated, damaged (its pickle fails its CRC-32), or holds
+            objects that are not allowed.
     """
+    check_pickle(path)  # the pickle's own bytes; a storage's are checked as they are read (ZeroReader.records)
     try:
         if _trusted_pickles.get():
             return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -206,6 +210,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"found {len(model_files)}"
         )
 
+    _check_one_save(tag_dir, model_files, optim_files, states)
     trainable = [{name: _shape(s) for name, s in group.items()} for group in states[names.PARAM_SHAPES]]
     trainable_names = {name for group in trainable for name in group}
     buffer_names = set(states.get(names.BUFFER_NAMES) or [])
@@ -239,6 +244,65 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
     )
 
 
+def _check_one_save(tag_dir: Path, model_files: list[Path], optim_files: list[Path], states: dict) -> None:
+    """The rank files must be one save's: each holds the archive ``torch.save`` wrote under its name (a rank
+    file renamed, or copied over another, holds another's), and all agree on the DeepSpeed config, the step
+    and the optimizer's step count. Files of another tag or run with the same shapes would otherwise be
+    read as this save's parts (the fuzzer swaps them). ZeRO-1/2 masters are also held to their 16-bit copies
+    as they are read (:meth:`ZeroReader.pieces`).
+
+    Raises:
+        CheckpointError: naming the file that is not of this save, and what gave it away.
+    """
+    for path in [*model_files, *optim_files]:
+        saved_as = archive_name(path)
+        if saved_as is not None and _rank_file_kind(saved_as) not in (None, _rank_file_kind(path.stem)):
+            raise _not_this_save(tag_dir, path, f"it holds the archive torch.save wrote as {saved_as}.pt")
+    first: dict[str, tuple[Path, object]] = {}
+    for path, data in [(model_files[0], states), *((p, load_pt(p)) for p in [*model_files[1:], *optim_files])]:
+        for what, value in _signature(data).items():
+            seen = first.setdefault(what, (path, value))
+            if value != seen[1]:
+                raise _not_this_save(tag_dir, path, f"its {what} differs from {seen[0].name}'s")
+
+
+def _signature(data: dict) -> dict[str, object]:
+    """What every rank file of one save agrees on, where the file holds it."""
+    found = {
+        "DeepSpeed config": data.get(names.DS_CONFIG),
+        "global step": data.get(names.GLOBAL_STEPS),
+        "optimizer step count": _optimizer_step(data),
+    }
+    return {what: value for what, value in found.items() if value is not None}
+
+
+def _optimizer_step(data: dict) -> int | None:
+    """The base optimizer's step count (Adam's ``step``) in an optimizer-state file."""
+    optim = data.get(names.OPTIMIZER_STATE_DICT)
+    for key in (names.BASE_OPTIMIZER_STATE, names.OPTIMIZER_STATE_DICT):  # ZeRO-1/2, ZeRO-3
+        inner = optim.get(key) if isinstance(optim, dict) else None
+        if isinstance(inner, list) and inner:  # older DeepSpeed: one per param group
+            inner = inner[0]
+        state = inner.get("state") if isinstance(inner, dict) else None
+        if isinstance(state, dict):
+            steps = [int(v["step"]) for v in state.values() if isinstance(v, dict) and "step" in v]
+            return max(steps, default=None)
+    return None
+
+
+def _rank_file_kind(stem: str) -> tuple[str, int] | None:
+    """``("model_states" | "optim_states", rank)`` of a rank file's name (without ``.pt``); None for others."""
+    found = re.search(r"(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_(model_states|optim_states)$", stem)
+    return (found.group(2), int(found.group(1) or 0)) if found else None
+
+
+def _not_this_save(tag_dir: Path, path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{tag_dir / path.name} is not part of the same save as the tag's other rank files ({why}): files "
+        "were mixed with another rank's, tag's or run's; copy the tag folder again as the run saved it"
+    )
+
+
 def _stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
     """The layout of a ZeRO stage 0 save (see the module's doc)."""
     from zero2merged.adapter_keys import trained_by_peft
@@ -250,7 +314,7 @@ def _stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
     if masters is None:  # fp32: the masters are module's own tensors
         trainable = [{name: _shape(module[name].shape) for name in candidates}]
     else:
-        trainable = _match_masters(tag_dir, [m.reshape(-1) for m in masters], module, candidates)
+        trainable = _match_masters(model_file, [m.reshape(-1) for m in masters], module, candidates)
     trained = {name for group in trainable for name in group}
     frozen = {
         name: _shape(t.shape)
@@ -274,7 +338,7 @@ def _stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
 
 
 def _match_masters(
-    tag_dir: Path, masters: list[torch.Tensor], module: dict, candidates: list[str]
+    model_file: Path, masters: list[torch.Tensor], module: dict, candidates: list[str]
 ) -> list[dict[str, list[int]]]:
     """Which params each flat group of fp32 masters holds: walking the candidates in the model's order, each
     whose next stretch of masters, rounded to its 16-bit dtype, is exactly its copy in ``module``."""
@@ -290,8 +354,9 @@ def _match_masters(
                 offset += copy.numel()
                 left.remove(name)
         if offset != flat.numel():
+            check_files([model_file])  # a damaged copy is the likelier cause: say so where it is
             raise CheckpointError(
-                f"{tag_dir}: the fp32 masters of a param group ({flat.numel()} values) do not match the trained "
+                f"{model_file}: the fp32 masters of a param group ({flat.numel()} values) do not match the trained "
                 f"params' 16-bit copies in the model state (matched {offset}); the file is damaged or was not "
                 "written by a LoRA run"
             )
@@ -356,15 +421,16 @@ class ZeroReader:
         return [load_pt(self.tag_dir / name) for name in self.layout.model_files]
 
     @functools.cached_property
-    def _optim(self) -> tuple[list[list[torch.Tensor]], list | None]:
-        """Per rank, per group: the flat fp32 master tensor (Adam moments are never read); and the
-        ZeRO-1/2 per-param alignment paddings."""
+    def _optim(self) -> tuple[list[list], list | None]:
+        """Per rank, per group: the flat fp32 master tensor (Adam moments are never read; stage 0: a
+        :class:`_FlatView` of the group); and the ZeRO-1/2 per-param alignment paddings."""
         if self.layout.zero_stage == 0:  # in the model-state file (module's own tensors for an fp32 run)
             states = self._model_states[0]
             flat = states[names.OPTIMIZER].get(names.FP32_GROUPS_FLAT)
             if flat is None:
-                flat = [torch.cat([states[names.MODULE][n].reshape(-1) for n in g]) for g in self.layout.trainable]
-            return [[t.reshape(-1) for t in flat]], None
+                module = states[names.MODULE]
+                return [[_FlatView([module[n].reshape(-1) for n in group]) for group in self.layout.trainable]], None
+            return [[_FlatView([t.reshape(-1)]) for t in flat]], None
         key = names.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else names.SINGLE_PARTITION_OF_FP32_GROUPS
         groups, paddings = [], None
         for rank, name in enumerate(self.layout.optim_files):
@@ -412,13 +478,61 @@ class ZeroReader:
         specs.update({name: (module[name].dtype, shape) for name, shape in self.layout.buffers.items()})
         return specs
 
-    def pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
-        """``(name, element offset, 1-D piece)`` of every tensor, in order, each piece at most
-        ``piece_elements`` long. The file pages under a piece are released once the consumer resumes.
-        Sizes are checked before anything is yielded."""
+    @functools.cached_property
+    def records(self) -> RecordCheck:
+        """The CRC-32 checks of the rank files' records, fed with every piece :meth:`pieces` yields."""
+        return RecordCheck([self.tag_dir / name for name in [*self.layout.model_files, *self.layout.optim_files]])
+
+    def pieces(self, skip: Collection[str] = ()) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``(name, element offset, 1-D piece)`` of every tensor but those in ``skip``, in order, each piece
+        at most ``piece_elements`` long. The file pages under a piece are released once the consumer resumes.
+        Sizes are checked before anything is yielded; the CRC-32 of every record read, once all are.
+
+        Raises:
+            CheckpointError: sizes that do not add up, or a record whose bytes fail their CRC-32.
+        """
         for name, offset, piece in self._all_pieces():
+            if name in skip:
+                continue
+            self._feed(piece)
+            if name in self._copies:
+                self._check_copy(name, offset, piece)
             yield name, offset, piece
             release(piece)
+        self.records.finish()
+
+    def _feed(self, piece: torch.Tensor) -> None:
+        where = self.file_range(piece)
+        if where is not None:
+            self.records.feed(*where, tensor_bytes(piece))
+
+    @functools.cached_property
+    def _copies(self) -> dict[str, torch.Tensor]:
+        """ZeRO-1/2: the trained params' 16-bit copies in the model-state file (flat), which the engine made
+        from the masters (so each master rounds to its copy exactly, on every fixture and GPU checkpoint)."""
+        if self.layout.zero_stage not in (1, 2):
+            return {}
+        module = self._model_states[0][names.MODULE]
+        shapes = self.layout.trainable_shapes
+        return {
+            name: module[name].reshape(-1)
+            for name in shapes
+            if name in module and module[name].numel() == math.prod(shapes[name])
+        }
+
+    def _check_copy(self, name: str, offset: int, piece: torch.Tensor) -> None:
+        """A piece of masters against its 16-bit copy: masters of another save (a rank's optimizer file
+        swapped with another rank's, tag's or run's, all of them well-formed) do not round to it."""
+        copy = self._copies[name].narrow(0, offset, piece.numel())
+        self._feed(copy)
+        if torch.equal(piece.to(copy.dtype), copy) or not torch.isfinite(piece).all():  # NaN: said by stage 2
+            return
+        self.records.finish()  # a damaged byte is the likelier cause: said so, where it is
+        raise CheckpointError(
+            f"{self.tag_dir}: the fp32 masters of {name} in the optimizer files do not round to its "
+            f"{SHORT_NAMES.get(copy.dtype, copy.dtype)} copy in {self.layout.model_files[0]}: the files are not "
+            "of one save (mixed with another rank's, tag's or run's); copy the tag folder again as the run saved it"
+        )
 
     def _all_pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         masters, paddings = self._optim
@@ -472,16 +586,16 @@ class ZeroReader:
                     for piece_at, piece in _split(at, view, self.piece_elements):
                         yield name, piece_at, piece
 
-    def _stage0_trainable(self, flats: list[torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor]]:
+    def _stage0_trainable(self, flats: list[_FlatView]) -> Iterator[tuple[str, int, torch.Tensor]]:
         """Stage 0: each group's params one after another in its flat masters, unpadded."""
         for flat, group in zip(flats, self.layout.trainable, strict=True):
+            if sum(math.prod(shape) for shape in group.values()) != flat.numel:
+                raise self._mismatch(sum(math.prod(shape) for shape in group.values()), flat.numel)
             offset = 0
             for name, shape in group.items():
-                for at, piece in _split(0, flat.narrow(0, offset, math.prod(shape)), self.piece_elements):
-                    yield name, at, piece
+                for at, view in flat.pieces(offset, math.prod(shape)):
+                    yield from ((name, a, p) for a, p in _split(at, view, self.piece_elements))
                 offset += math.prod(shape)
-            if offset != flat.numel():
-                raise self._mismatch(offset, flat.numel())
 
     def _zero3_trainable(self, masters) -> Iterator[tuple[str, int, torch.Tensor]]:
         world = self.layout.world_size

@@ -79,9 +79,7 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
     with replacing(path) as tmp, Progress("consolidate", writer_bytes(stored), len(stored)) as progress:
         references = {name: (*specs[name], ranges) for name, ranges in referenced.items()}
         with Writer(tmp, stored, metadata, references) as writer:
-            for name, offset, piece in reader.pieces():
-                if name in referenced:
-                    continue
+            for name, offset, piece in reader.pieces(skip=referenced):  # those are checked as stage 4 reads them
                 progress.update(piece.numel() * piece.element_size(), offset + piece.numel() == sizes[name])
                 if name in layout.trainable_shapes and not torch.isfinite(piece).all():
                     raise CheckpointError(
@@ -97,6 +95,7 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
         buffers=len(layout.buffers),
         bytes=path.stat().st_size,
         parameters=sum(math.prod(shape) for _, shape in specs.values()),
+        checked=reader.records.checked,
     )
 
 

@@ -21,6 +21,7 @@ from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, Resiz
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import CHUNK_BYTES, Reader
 from zero2merged.stages.rebuild import Rebuild
+from zero2merged.zipcheck import RecordCheck
 
 
 class Load(Stage[LoadResult]):
@@ -50,20 +51,33 @@ class Load(Stage[LoadResult]):
             return plan_sources(
                 model, self.consolidated, self.info, rebuilt, ignore_base_mismatch=self.ignore_base_mismatch
             )
-        return load_weights(
+        saved, records = open_consolidated(self.consolidated)
+        result = load_weights(
             model,
-            read_consolidated(self.consolidated),
+            read_consolidated(saved, records),
             self.info,
             resized_vocab=rebuilt.resized_vocab,
             ignore_base_mismatch=self.ignore_base_mismatch,
         )
+        result.checked = records.checked
+        return result
 
 
-def read_consolidated(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stage 2's file, one tensor at a time (those it lists by reference read from the rank files)."""
-    reader = Reader(path)
-    for key in reader.keys():
-        yield key, reader.get(key)
+def open_consolidated(path: Path) -> tuple[Reader, RecordCheck]:
+    """Stage 2's store, and a CRC-32 check of the rank files' records its referenced tensors (the saved
+    frozen params, which stage 2 did not copy) are read from, fed as they are read."""
+    saved = Reader(path)
+    records = RecordCheck(sorted({file for key in saved.references for file, _, _ in saved.ranges(key)}))
+    saved.observe = records.feed
+    return saved, records
+
+
+def read_consolidated(saved: Reader, records: RecordCheck) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stage 2's store (:func:`open_consolidated`), one tensor at a time; the rank files' records are checked
+    once all are read, before the accounting could blame the base for a damaged copy."""
+    for key in saved.keys():
+        yield key, saved.get(key)
+    records.finish()
 
 
 def load_weights(
@@ -78,7 +92,7 @@ def load_weights(
 
     Args:
         model: The PEFT wrapper; its non-saved params keep the base's values.
-        tensors: ``(name, tensor)`` pairs: :func:`read_consolidated` of stage 2's file, or a
+        tensors: ``(name, tensor)`` pairs: :func:`read_consolidated` of stage 2's store, or a
             :class:`~zero2merged.zero.ZeroReader`'s tensors straight from the checkpoint.
         info: Stage 1's result.
         resized_vocab: Stage 3's record of a vocabulary resized to the checkpoint's: the base's values then
@@ -131,7 +145,7 @@ def plan_sources(
     """
     state = model.state_dict(keep_vars=True)
     resized = _resized_keys(state, rebuilt.resized_vocab)
-    saved = Reader(consolidated)
+    saved, records = open_consolidated(consolidated)
     base = read_base(model, rebuilt)
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
@@ -155,6 +169,7 @@ def plan_sources(
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
+    records.finish()  # before the accounting could blame the base for a damaged copy
     accounting, from_base = _account(
         state, list(sources), info, rebuilt.resized_vocab, mismatched, ignore_base_mismatch
     )
@@ -162,7 +177,7 @@ def plan_sources(
         where = _in_base(key, rebuilt, base)
         if where is not None and (key not in resized or ".original_module." not in key):
             sources[key] = where
-    accounting.sources = sources
+    accounting.sources, accounting.checked = sources, records.checked
     return accounting
 
 
