@@ -52,6 +52,23 @@ def test_debug_shows_the_traceback(tmp_path):
     assert type(result.exception).__name__ == "CheckpointError"
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_output_flags_are_taken_before_or_after_the_command(tmp_path, where):
+    flags = ["--debug", "-q"]
+    args = ["inspect", tmp_path]
+    result = _run(*(flags + args if where == "before" else args + flags))
+    assert type(result.exception).__name__ == "CheckpointError", result.output  # --debug: the exception itself
+    for flag in ("-q", "-v", "--quiet", "--verbose"):
+        refused = _run(*(([flag] + args) if where == "before" else (args + [flag])))
+        assert refused.exit_code == 2 and "No such option" not in refused.stderr, refused.stderr
+
+
+def test_a_usage_error_is_one_line(tmp_path):
+    result = _run("convert", tmp_path, "-o", tmp_path / "x", "--bogus")
+    assert result.exit_code == 2 and result.stderr.startswith("error: No such option '--bogus'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_usage_error_exit_2(tmp_path):
     assert _run("convert", tmp_path).exit_code == 2  # --output missing
     assert _run("convert", tmp_path, "-o", tmp_path / "x", "--dtype", "int8").exit_code == 2

@@ -59,7 +59,7 @@ def test_keyword_options_are_split_between_the_run_and_the_conversion():
 
 def test_the_cli_options_are_the_records_fields():
     """What lets the CLI hand its options to the library as they are."""
-    convert = {param.name for param in main.commands["convert"].params}
+    convert = {param.name for param in main.commands["convert"].params if param.expose_value}
     assert convert - {"checkpoint", "output", "as_json"} == set(field_names(Source)[1:]) | (
         set(field_names(ConvertOptions)) - {"tuning"}
     )

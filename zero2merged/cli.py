@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -18,25 +19,96 @@ import click
 from zero2merged.errors import VerificationError, Zero2MergedError
 from zero2merged.options import OUTPUT_DTYPES
 
+# -q, -v and --debug: one definition, taken before the command (``zero2merged -q convert …``) and after it
+# (``zero2merged convert … -q``), as people type them. Each only notes that it was given, in the root
+# context; the command applies them before it runs.
+OUTPUT_FLAGS = {
+    "debug": (("--debug",), "Show full tracebacks and library logs."),
+    "quiet": (("-q", "--quiet"), "Print only the result and errors: no stage log, no progress bars."),
+    "verbose": (("-v", "--verbose"), "Log more detail about each stage."),
+}
 
-class _Group(click.Group):
-    """Turns the library's errors into one line and an exit code."""
+
+def _note_flag(ctx: click.Context, param: click.Parameter, given: bool) -> None:
+    if given:
+        ctx.find_root().meta[f"zero2merged.{param.name}"] = True
+
+
+def _output_flags() -> list[click.Option]:
+    return [
+        click.Option(list(decls), is_flag=True, expose_value=False, callback=_note_flag, help=help)
+        for decls, help in OUTPUT_FLAGS.values()
+    ]
+
+
+def _flag(ctx: click.Context, name: str) -> bool:
+    """Whether the output flag ``name`` was given, before or after the command."""
+    return ctx.find_root().meta.get(f"zero2merged.{name}", False)
+
+
+def _refuse_usage(ctx: click.Context, error: click.UsageError) -> None:
+    """A usage error as the library's errors are shown: one line (and exit code 2)."""
+    where = error.ctx.command_path if error.ctx else ctx.command_path
+    click.echo(f"error: {error.format_message()} (see '{where} --help')", err=True)
+    ctx.exit(error.exit_code)
+
+
+class _Command(click.Command):
+    """A command that takes the output flags too, and applies them before it runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(_output_flags())
 
     def invoke(self, ctx: click.Context):
-        try:
-            result = super().invoke(ctx)
-            from zero2merged.runtime import skip_last_collection
+        _configure_output(_flag(ctx, "debug"), -1 if _flag(ctx, "quiet") else int(_flag(ctx, "verbose")))
+        return super().invoke(ctx)
 
+
+class _Group(click.Group):
+    """Turns the library's errors into one line and an exit code, and a scheduler's SIGTERM or a Ctrl-C into a
+    clean stop (the running stage's half-written files removed, the finished stages kept)."""
+
+    command_class = _Command
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(_output_flags())
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _refuse_usage(ctx, e)
+
+    def invoke(self, ctx: click.Context):
+        from zero2merged.runtime import skip_last_collection, stopping_on_signals
+
+        try:
+            with stopping_on_signals():
+                result = super().invoke(ctx)
             skip_last_collection()  # the process ends next
             return result
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _refuse_usage(ctx, e)
         except Zero2MergedError as e:
-            if ctx.params.get("debug"):
+            if _flag(ctx, "debug"):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(1 if isinstance(e, VerificationError) else 2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; run the same command again to resume", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)  # a plain KeyboardInterrupt: Ctrl-C
+            then = (
+                "the finished stages are kept; run the same command again to resume"
+                if ctx.invoked_subcommand == "convert"
+                else "nothing was written; run the same command again"
+            )
+            click.echo(f"interrupted ({signal.Signals(signum).name}): {then}", err=True)
+            ctx.exit(128 + signum)
 
 
 def _configure_output(debug: bool, verbosity: int) -> None:
@@ -52,6 +124,7 @@ def _configure_output(debug: bool, verbosity: int) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the same in --workers processes
         # transformers' own logs and progress bars: set for when it is imported (not now: seconds of start-up)...
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -63,12 +136,11 @@ def _configure_output(debug: bool, verbosity: int) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zero2merged")
-@click.option("--debug", is_flag=True, help="Show full tracebacks and library logs.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the result and errors: no stage log, no progress bars.")
-@click.option("-v", "--verbose", is_flag=True, help="Log more detail about each stage.")
-def main(debug: bool, quiet: bool, verbose: bool) -> None:
-    """Turn the DeepSpeed ZeRO checkpoint of a LoRA fine-tune into one merged, verified model."""
-    _configure_output(debug, -1 if quiet else int(verbose))
+def main() -> None:
+    """Turn the DeepSpeed ZeRO checkpoint of a LoRA fine-tune into one merged, verified model.
+
+    -q, -v and --debug may come before the command or after it.
+    """
 
 
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
@@ -112,7 +184,7 @@ def source_options(command):
 @source_options
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", *OUTPUT_DTYPES]),
+    type=click.Choice(["auto", *OUTPUT_DTYPES], case_sensitive=False),
     default="auto",
     show_default=True,
     help="Output dtype; auto = the base's.",
@@ -129,7 +201,7 @@ def source_options(command):
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=int,  # its range is checked with the library's message
     default=1,
     show_default=True,
     help="Processes writing the output's shards (under torchrun, every rank writes a share instead).",
@@ -159,19 +231,35 @@ def convert(checkpoint, output, as_json, **options) -> None:
 @main.command()
 @checkpoint_argument
 @source_options
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Also check the CRC-32 of every record of the tag's rank files (the optimizer's moments too): "
+    "reads them whole.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
-def inspect(checkpoint, as_json, **source) -> None:
+def inspect(checkpoint, check, as_json, **source) -> None:
     """Show what CHECKPOINT holds and what a conversion would use.
 
+    Exit code 2 when it cannot be converted (or, with --check, a record is damaged).
+
     \b
-    Example:
+    Examples:
         zero2merged inspect run/checkpoint-500
+        zero2merged inspect run/checkpoint-500 --check
     """
-    from zero2merged.report import format_info
+    from zero2merged.report import format_checked, format_info
     from zero2merged.stages.inspect import inspect_checkpoint
+    from zero2merged.zipcheck import check_files
 
     info = inspect_checkpoint(checkpoint, **source)
-    click.echo(info.to_json() if as_json else format_info(info))
+    files = [info.tag_dir / name for name in [*info.layout.model_files, *info.layout.optim_files]]
+    checked = check_files(files) if check else None
+    if as_json:
+        data = info.to_dict() | ({"checked": checked.to_dict()} if checked else {})
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(format_info(info) + (f"\n{format_checked(checked, len(files))}" if checked else ""))
 
 
 @main.command()

@@ -34,3 +34,21 @@ class VerificationError(Zero2MergedError):
 
 class StreamingUnsupported(Zero2MergedError):
     """The model cannot be converted a layer at a time; ``--in-memory`` can convert it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (a scheduler's SIGTERM, Ctrl-C's SIGINT), raised where the main thread
+    was so that each stage removes its half-written files on the way out. The command line raises it (the
+    library never takes a process's signals); being a :class:`KeyboardInterrupt`, it passes every
+    ``except Exception`` as Ctrl-C does. Not a :class:`Zero2MergedError`: nothing was wrong with the input.
+
+    Attributes:
+        signum: The signal's number; the command exits with ``128 + signum`` (143 for SIGTERM), as the shell
+            reports a process the signal ended.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

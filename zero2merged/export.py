@@ -7,6 +7,7 @@ checks that ``PeftModel.from_pretrained`` on a fresh base gives back the trained
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from zero2merged.errors import VerificationError
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.options import Source
 from zero2merged.parity import MERGE_TOLERANCE, compare_models, probe_inputs
+from zero2merged.results import CheckpointInfo, Parity, RebuildResult
 from zero2merged.serving import carry_tokenizer
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
@@ -57,13 +59,35 @@ def export_adapter(checkpoint: Path | str, output: Path | str, **source: Any) ->
 
 
 def _export(source: Source, output: Path) -> ExportReport:
-    from peft import PeftModel
-
     check_output_free(output)
     with source.pickle_policy():
         info = inspect_checkpoint(source)
         model, rebuilt = unmerged_model(info)
     staged = fresh_dir(partial_path(output))
+    try:
+        parity = _write_checked(info, model, rebuilt, staged)
+    except BaseException:  # a failed check, or Ctrl-C, SIGTERM: nothing half-written is left beside the output
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_dir(staged, output)
+    return ExportReport(
+        output=str(output),
+        checkpoint=info.checkpoint,
+        tag=info.tag,
+        files=[str(p.relative_to(output)) for p in files_in(output)],
+        tensors=len(info.layout.trainable_shapes),
+        parity=parity.to_dict(),
+    )
+
+
+def _write_checked(info: CheckpointInfo, model: Any, rebuilt: RebuildResult, staged: Path) -> Parity:
+    """Save the adapter into ``staged``; returns how closely PEFT reloads it to the trained model's outputs.
+
+    Raises:
+        VerificationError: it does not reload to them, or lacks trained tensors.
+    """
+    from peft import PeftModel
+
     model.save_pretrained(staged)
     carry_tokenizer([info.checkpoint], staged)
 
@@ -82,13 +106,4 @@ def _export(source: Source, output: Path) -> ExportReport:
         raise VerificationError(
             f"{staged} lacks trained tensors, e.g. {sorted(set(info.layout.trainable_shapes) - saved)[0]}"
         )
-
-    replace_dir(staged, output)
-    return ExportReport(
-        output=str(output),
-        checkpoint=info.checkpoint,
-        tag=info.tag,
-        files=[str(p.relative_to(output)) for p in files_in(output)],
-        tensors=len(info.layout.trainable_shapes),
-        parity=parity.to_dict(),
-    )
+    return parity

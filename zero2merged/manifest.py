@@ -71,22 +71,29 @@ class FileHashes:
             finally:
                 os.close(fd)
 
+        def close_if_dropped(future: Future) -> None:
+            if future.cancelled():  # dropped by close(abandon=True) before it started
+                os.close(fd)
+
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero2merged-flush")
         self._pending[key] = done = self._thread.submit(finish)
+        done.add_done_callback(close_if_dropped)
         return done
 
-    def close(self) -> None:
-        """Wait for the background work and stop its thread."""
+    def close(self, *, abandon: bool = False) -> None:
+        """Wait for the background work and stop its thread. With ``abandon`` (the run failed or was
+        interrupted, so what is still queued belongs to the stage that did not finish), the flushes not yet
+        started are dropped: the stop is not held up by gigabytes of them."""
         if self._thread is not None:
-            self._thread.shutdown(wait=True)
+            self._thread.shutdown(wait=True, cancel_futures=abandon)
             self._thread = None
 
     def __enter__(self) -> FileHashes:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abandon=exc_type is not None)
 
 
 def _key(stat: os.stat_result) -> tuple:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +52,23 @@ class Source:
             object.__setattr__(self, "adapter_config", Path(self.adapter_config).expanduser())
         if self.base_model is not None:
             object.__setattr__(self, "base_model", str(self.base_model))
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise OptionError(f"--lora-alpha must be a positive number; got {self.lora_alpha}")
+            if not self.base_model.strip():  # an unset shell variable, most likely: not "the config's base"
+                raise OptionError("--base-model is empty: give the base model's folder or hub id, or leave it out")
+        if self.lora_alpha is not None:
+            alpha = self.lora_alpha
+            number = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+            if not (number and math.isfinite(alpha) and alpha > 0):
+                raise OptionError(f"--lora-alpha must be a positive number; got {alpha!r}")
+            if self.adapter_config is not None:
+                raise OptionError(
+                    "--lora-alpha infers a LoRA config when the run saved none; with --adapter-config the "
+                    "config says lora_alpha: give one of them"
+                )
+        elif self.use_rslora:
+            raise OptionError(
+                "--use-rslora goes with --lora-alpha (it says how the inferred config scales); a saved adapter "
+                "config says whether the run used rsLoRA"
+            )
 
     @property
     def inference(self) -> dict[str, Any]:
@@ -150,7 +167,7 @@ def parse_size(size: int | str) -> int:
         if isinstance(size, str) and size.strip().isdigit():
             size = int(size)
         value = size if isinstance(size, int) and not isinstance(size, bool) else parse_size_to_int(size)
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, OverflowError):  # OverflowError: "infGB"
         value = 0
     if value <= 0:
         raise OptionError(

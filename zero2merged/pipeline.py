@@ -132,7 +132,13 @@ def _stages(
 def _work_dir(work: Path) -> Iterator[None]:
     """Create ``work`` if needed; a first run that fails before any stage finished leaves nothing behind."""
     created = not work.exists()
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a parent that cannot be made or written
+        raise OutputError(
+            f"cannot make the work directory {work}: {e.strerror or e}; pass --work-dir (or --output) somewhere "
+            "you can write"
+        ) from e
     try:
         yield
     except BaseException:
@@ -174,6 +180,10 @@ def _check_paths(checkpoint: Path, output: Path, work_dir: Path) -> None:
         raise OutputError(f"the work directory {work_dir} and the output {output} must not contain each other")
     if output.exists() and not output.is_dir():
         raise OutputError(f"the output {output} exists and is not a directory")
+    # Up front, rather than after the conversion's work: the output is written beside its place
+    existing = next(folder for folder in output.parents if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"the output {output} cannot be written: {existing} is not a folder you can write into")
 
 
 def _output_is_ours(manifest: Manifest, output: Path) -> bool:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
+import threading
 from collections.abc import Iterator
+
+from zero2merged.errors import Interrupted
+
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's stop (before its SIGKILL), and Ctrl-C
 
 
 @contextlib.contextmanager
@@ -41,3 +47,32 @@ def core_left_for_flushing() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """For the command line only (a library must not take its caller's signals): SIGTERM and SIGINT raise
+    :class:`~zero2merged.errors.Interrupted` in the main thread, so the run stops at once and the stages'
+    cleanup (their half-written files) runs on the way out. Further signals are ignored meanwhile, as a second
+    one would cut that cleanup short. A signal the process was started to ignore (``nohup``, a background
+    job's SIGINT) stays ignored. The handlers found are handed back afterwards.
+
+    Elsewhere than the main thread (where Python cannot install handlers) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    found = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
+    taken = [signum for signum, handler in found.items() if handler not in (signal.SIG_IGN, None)]
+
+    def stop(signum: int, frame) -> None:
+        for other in taken:
+            signal.signal(other, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for signum in taken:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum in taken:
+            signal.signal(signum, found[signum])

@@ -91,6 +91,7 @@ def verify(
             "give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "
             "(--checkpoint or --adapter), one of them"
         )
+    lines = None if prompts is None else read_prompts(Path(prompts))  # up front: before minutes of loading
     if checkpoint is not None:
         run = Source(checkpoint, **source)
         with run.pickle_policy():
@@ -99,8 +100,11 @@ def verify(
         auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
     else:
         base = source.get("base_model")
-        if base is None:
+        if base is None or not str(base).strip():
             raise OptionError("--adapter needs --base-model: the model the adapter was trained on")
+        ignored = [name for name, value in source.items() if name != "base_model" and value not in (None, False)]
+        if ignored:
+            raise OptionError(f"--{ignored[0].replace('_', '-')} applies with --checkpoint, not with --adapter")
         unmerged, auto_class = _adapter_model(Path(adapter), base)
         origin, tag = str(Path(adapter).resolve()), None
     merged_dtype = base_dtype(base_config(str(merged)))
@@ -108,7 +112,7 @@ def verify(
     if prompts is None:
         inputs, described = probe_inputs(merged_model.config), "seeded random token ids"
     else:
-        inputs = prompt_inputs(Path(prompts), base, merged_model.config)
+        inputs = prompt_inputs(lines, base, merged_model.config)
         described = f"{len(inputs['input_ids'])} prompts from {Path(prompts).resolve()}"
     parity = compare_models(merged_model, unmerged, inputs)
     tolerance = SAVE_TOLERANCES[merged_dtype]
@@ -146,13 +150,28 @@ def _adapter_model(adapter: Path, base_model: str):
         raise AdapterConfigError(f"PEFT cannot load the adapter {adapter} on {base_model}: {first_line(e)}") from e
 
 
-def prompt_inputs(path: Path, base_model: str, config) -> dict:
-    """The non-empty lines of ``path``, tokenized with the base's tokenizer and padded to one batch."""
-    from transformers import AutoTokenizer
+def read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a ``--prompts`` file.
 
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    Raises:
+        OptionError: it cannot be read, is not UTF-8 text, or holds no prompt.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionError(f"--prompts {path} is not UTF-8 text (byte {e.start}): give one prompt per line") from e
+    except OSError as e:
+        raise OptionError(f"--prompts {path} cannot be read: {e.strerror or e}") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise OptionError(f"{path} holds no prompts (one per line)")
+    return lines
+
+
+def prompt_inputs(lines: list[str], base_model: str, config) -> dict:
+    """``lines`` tokenized with the base's tokenizer and padded to one batch."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -10,6 +10,7 @@ must be on a filesystem every rank sees, at the same paths.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -78,6 +79,11 @@ class Helpers:
         """Start writing ``tasks`` (one per helper); returns a wait for their results."""
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        """The run was interrupted (Ctrl-C, SIGTERM, SystemExit): stop without waiting for the shares, which
+        are scratch the merge stage removes."""
+        raise NotImplementedError
+
 
 def make_helpers(channel, workers: int) -> Helpers | None:
     """Who else writes shards: the other ranks of a distributed job (``channel``), or ``workers - 1`` local
@@ -94,9 +100,12 @@ class LocalHelpers(Helpers):
 
     def __init__(self, size: int):
         self.size = size
+        self._pool: ProcessPoolExecutor | None = None
 
     def start(self, tasks):
-        pool = ProcessPoolExecutor(max_workers=self.size, mp_context=get_context("spawn"))
+        self._pool = pool = ProcessPoolExecutor(
+            max_workers=self.size, mp_context=get_context("spawn"), initializer=_ignore_ctrl_c
+        )
         futures = [pool.submit(write_share, task) for task in tasks]
 
         def wait():
@@ -106,10 +115,33 @@ class LocalHelpers(Helpers):
                 raise
             except Exception as e:
                 raise Zero2MergedError(f"a --workers process failed: {type(e).__name__}: {e}") from e
+            except BaseException:  # interrupted while waiting for them
+                self.abandon()
+                raise
             finally:
                 pool.shutdown(cancel_futures=True)
 
         return wait
+
+    def abandon(self):
+        """End the helper processes now (SIGTERM; their files are removed with the stage's scratch)."""
+        pool = self._pool
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # public only from Python 3.14 on
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ignore_ctrl_c() -> None:
+    """In a helper: Ctrl-C reaches the terminal's whole process group, but the process leading the conversion
+    decides and ends its helpers (a helper's own KeyboardInterrupt would print a traceback of its own)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class RankHelpers(Helpers):
@@ -122,3 +154,9 @@ class RankHelpers(Helpers):
     def start(self, tasks):
         self.channel.send_tasks(tasks)
         return self.channel.gather_results
+
+    def abandon(self):
+        """The other ranks are the launcher's to stop (torchrun signals them all); the collective that ends
+        their shares needs this rank too, so it is joined, whatever it brings."""
+        with contextlib.suppress(Exception):
+            self.channel.gather_results()

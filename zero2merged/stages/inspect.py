@@ -293,8 +293,19 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         base_model=base,
         features=describe(lora, keys) + base_traits,
         inferred=inferred,
-        warnings=_warnings(layout, where) + base_warnings + serving_notes(folder, base),
+        warnings=_warnings(layout, where)
+        + base_warnings
+        + _unused_options(source, adapter_path, lora)
+        + serving_notes(folder, base),
     )
+
+
+def _unused_options(source: Source, adapter_path: str, lora: dict) -> list[str]:
+    """--lora-alpha (and --use-rslora) infer a config only when the run saved none: said when one was found."""
+    if source.lora_alpha is None or adapter_path == INFERRED:
+        return []
+    saved = lora.get("lora_alpha")
+    return [f"--lora-alpha not used: the run saved its LoRA config ({adapter_path}, lora_alpha={saved})"]
 
 
 class Inspect(Stage[CheckpointInfo]):

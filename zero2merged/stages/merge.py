@@ -178,9 +178,13 @@ def merge_streaming(
             device=task.device,
             block_bytes=task.block_bytes,
         )
-    except BaseException:
+    except Exception:
         with contextlib.suppress(Exception):
             pending()  # let the helpers finish before stopping: none is left waiting
+        raise
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM, SystemExit): stop now, the helpers too
+        if helpers is not None:
+            helpers.abandon()
         raise
     worst = functools.reduce(lambda a, b: a.worse(b), pending(), worst)
     write_index(plan, Path(task.staged))

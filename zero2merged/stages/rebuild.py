@@ -89,6 +89,9 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, Rebuil
     base = base if on_meta else load_base(auto_name, info.base_model)
     resized = resize_to_checkpoint(base, info)
     names_in_base = _names_by_object(base)
+    # PEFT names the base it is given in the config, and warns when the run's config named another path (a
+    # base moved or copied since training, the usual case here): the base used is reported already.
+    config.base_model_name_or_path = None
     try:
         model = get_peft_model(base, config, adapter_name=info.adapter_name)
     except ValueError as e:  # e.g. the target modules are not in this model
