@@ -1,7 +1,7 @@
-# zero2merged: make install | test | test-fast | lint | format | demo | bench | clean
+# zero2merged: make install | test | test-fast | fuzz | lint | format | demo | bench | clean
 PYTHON ?= python3
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast fuzz lint format demo bench clean
 
 # torch first, pinned to the CPU build: an unpinned torch (asked for by deepspeed or peft) would pull a
 # multi-GB CUDA build on a machine that has none.
@@ -16,6 +16,11 @@ test: install lint
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow"
+
+# The fuzzer's full set: every mutation family of damaged checkpoints, bases and configs, twelve rounds
+# (make test runs a seeded subset). A case alone: python -m tests.fuzzing repro SEED
+fuzz: install
+	$(PYTHON) -m pytest -m fuzz tests/test_fuzz.py
 
 lint:
 	$(PYTHON) -m ruff check .
