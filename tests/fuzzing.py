@@ -898,9 +898,10 @@ def _same_keys(a, b) -> bool:
     return type(a) is type(b) or {type(a), type(b)} <= {int, float}
 
 
-def _json_meaning(original: bytes, damaged: bytes) -> tuple[str, bool]:
+def _json_meaning(original: bytes, damaged: bytes, target: str) -> tuple[str, bool]:
     """How a changed JSON file reads: (in words, whether it is a well-formed input with another meaning:
-    the same keys, values of the same types, only some values changed)."""
+    the same keys, values of the same types, only some values changed; for a model's config.json also a
+    key renamed, as transformers takes any key: the old one then has its default, the new one is kept)."""
     try:
         before, after = json.loads(original), json.loads(damaged)
     except (ValueError, RecursionError) as e:
@@ -910,6 +911,11 @@ def _json_meaning(original: bytes, damaged: bytes) -> tuple[str, bool]:
     if _same_keys(before, after):
         changed = [k for k in before if isinstance(before, dict) and before[k] != after.get(k)]
         return f"still JSON, value of {changed} changed", True
+    if target == "base-config-json" and isinstance(before, dict) and isinstance(after, dict):
+        common = before.keys() & after.keys()
+        if all(_same_keys(before[k], after[k]) for k in common) and len(common) == len(before) - 1:
+            renamed = sorted(before.keys() - after.keys()) + sorted(after.keys() - before.keys())
+            return f"still JSON, key {renamed[0]!r} renamed to {renamed[-1]!r}", True
     return "still JSON, keys or types changed", False
 
 
@@ -920,7 +926,7 @@ def _plan_json_flip(ctx: Ctx, target: str):
     summary, ops = _flip(ctx, rel, raw, offset, "")
     damaged = bytearray(raw)
     damaged[offset] = ops[0][3][0]
-    meaning, valid = _json_meaning(raw, bytes(damaged))
+    meaning, valid = _json_meaning(raw, bytes(damaged), target)
     return f"{summary}: {meaning}", ops, valid
 
 

@@ -77,10 +77,12 @@ def _perturbed_base(trained, tmp_path, run):
     return ["--base-model", str(base)]
 
 
-def _adapter_config(**changes):
+def _adapter_config(*, drop: str | None = None, **changes):
     def change(trained, tmp_path, run):
         path = run / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        config = {**json.loads(path.read_text()), **changes}
+        config.pop(drop, None)
+        path.write_text(json.dumps(config))
         return []
 
     return change
@@ -148,6 +150,11 @@ def _latest_names_missing_tag(trained, tmp_path, run):
     return []
 
 
+def _latest_not_text(trained, tmp_path, run):
+    (run / "latest").write_bytes(b"\xffglobal_step6")
+    return []
+
+
 def _not_a_checkpoint(trained, tmp_path, run):
     shutil.rmtree(run)
     run.mkdir()
@@ -168,6 +175,7 @@ def _output_not_empty(trained, tmp_path, run):
 BAD_INPUTS = {
     "not a checkpoint": (_not_a_checkpoint, "is not a DeepSpeed checkpoint"),
     "latest names a missing tag": (_latest_names_missing_tag, "'global_step99' has no folder"),
+    "latest not text": (_latest_not_text, "does not hold a tag name (not UTF-8 text)"),
     "tag leaves the checkpoint": (lambda *a: ["--tag", "../../etc"], "refusing to leave"),
     "a rank's files missing": (_missing_rank_file, "split across 2 ranks but 1 optimizer files"),
     "more rank files than partitions": (_extra_rank_file, "split across 2 ranks but 3 optimizer files"),
@@ -178,6 +186,12 @@ BAD_INPUTS = {
     "adapter config with other targets": (
         _adapter_config(target_modules=["k_proj", "o_proj"]),
         "adapter_config.json does not match the checkpoint",
+    ),
+    # PEFT would take its default (lora_alpha 8 for the run's 16), or ignore a key it does not know
+    "adapter config lacking lora_alpha": (_adapter_config(drop="lora_alpha"), "lacks lora_alpha"),
+    "adapter config with a key PEFT does not know": (
+        _adapter_config(lora_future_scaling=2.0),
+        "sets lora_future_scaling=2.0, which PEFT",
     ),
     "NaN in a trained weight": (_nan_master, "holds NaN or inf"),
     "base that needs its own code": (_custom_code_base, "never runs code from a model folder"),
@@ -208,6 +222,23 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(trained, tmp_path, run_
     if work.exists():  # kept only for the stages that finished, so the corrected rerun starts after them
         assert any(r["status"] == "done" for r in Manifest(work / "manifest.json").stages.values())
     assert not (tmp_path / "custom-code-ran").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streaming", "in memory"])
+def test_a_base_lacking_a_weight_the_checkpoint_did_not_save_is_refused(trained, tmp_path, in_memory):
+    """The Trainer saves no frozen params: each comes from the base, which must have it (from_pretrained
+    would initialize a missing one at random and say so only in a log line)."""
+    fixture = trained("trainer-z3-bf16")
+    base = tmp_path / "base"
+    shutil.copytree(fixture.base, base)
+    weights = load_file(base / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weigh_"] = weights.pop("model.layers.0.mlp.down_proj.weight")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    args = ["convert", str(fixture.checkpoint), "-o", str(tmp_path / "out"), "--base-model", str(base)]
+    result = CliRunner().invoke(main, args + (["--in-memory"] if in_memory else []))
+    line = result.stderr.strip().splitlines()[-1]
+    says = "has no value for 1 weights" if in_memory else "give no model.layers.0.mlp.down_proj.weight"
+    assert result.exit_code == 2 and says in line and not (tmp_path / "out").exists(), line
 
 
 def test_nan_names_the_tensor(trained, tmp_path, run_copy):

@@ -148,10 +148,19 @@ def load_base(auto_name: str, path: str, dtype: torch.dtype = torch.float32):
     if Path(path).is_dir():
         check_weight_files(Path(path))
     try:
-        return getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        model, loading = getattr(transformers, auto_name).from_pretrained(
+            path, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         # pickle: a .bin's refused pickle; SafetensorError: a file the library refuses that passed our checks
         raise BaseModelError(f"cannot load the base model {path} with {auto_name}: {first_line(e)}") from e
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:  # transformers initializes them at random, and says so only in a log line
+        raise BaseModelError(
+            f"the base model {path} has no value for {len(missing)} weights {auto_name} needs, e.g. {missing[0]}: "
+            "its files are damaged, or it is another architecture than the run trained"
+        )
+    return model
 
 
 def base_dir(base_model: str) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 
 from zero2merged import names
 from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
+from zero2merged.basemodel import first_line
 from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError
 from zero2merged.manifest import files_stat
 from zero2merged.options import Source
@@ -95,7 +96,13 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
     if tag is None:
         latest = checkpoint / names.LATEST
         if latest.is_file():
-            tag = latest.read_text().strip()
+            try:
+                with open(latest, "rb") as f:
+                    tag = f.read(4096).decode("utf-8").strip()  # a tag's name; anything longer is not one
+            except UnicodeDecodeError as e:
+                raise CheckpointError(
+                    f"{latest} does not hold a tag name (not UTF-8 text): the file is damaged; pass --tag"
+                ) from e
         elif len(tags) == 1:
             tag = tags[0]
         else:
@@ -138,13 +145,25 @@ def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
 
 
 def _read_lora_config(path: Path) -> dict:
+    """A saved LoRA config, with what the merge depends on present: PEFT would take a default for a key
+    that is missing (``lora_alpha`` 8, say), a model other than the one trained, with no word said."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterConfigError(f"cannot read the adapter config {path}: {e}") from e
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
+        raise AdapterConfigError(f"cannot read the adapter config {path}: {first_line(e)}") from e
+    if not isinstance(config, dict):
+        raise AdapterConfigError(f"the adapter config {path} is not a JSON object: the file is damaged")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterConfigError(f"{path} describes a {peft_type} adapter; zero2merged merges LoRA adapters only")
+    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    if "target_modules" not in config and not config.get("target_parameters"):
+        missing.append("target_modules")
+    if missing:
+        raise AdapterConfigError(
+            f"the adapter config {path} lacks {', '.join(missing)}, which PEFT's save_pretrained always writes and "
+            "the merge depends on: the file is damaged or was edited; pass the run's own with --adapter-config"
+        )
     return config
 
 

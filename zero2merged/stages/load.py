@@ -174,9 +174,16 @@ def plan_sources(
         state, list(sources), info, rebuilt.resized_vocab, mismatched, ignore_base_mismatch
     )
     for key in from_base:
+        if key in resized and ".original_module." in key:
+            continue  # a frozen copy only the unmerged forward reads: not written
         where = _in_base(key, rebuilt, base)
-        if where is not None and (key not in resized or ".original_module." not in key):
-            sources[key] = where
+        if where is None:  # the model needs it, the checkpoint did not save it: only the base can give it
+            raise BaseModelError(
+                f"the base model's weight files, read as transformers loads them into {rebuilt.model_class}, give "
+                f"no {' or '.join(rebuilt.base_keys.get(key, [key]))}, and the checkpoint did not save it: the base "
+                "is damaged, or another architecture than the run trained"
+            )
+        sources[key] = where
     accounting.sources, accounting.checked = sources, records.checked
     return accounting
 

@@ -56,11 +56,32 @@ def base_fingerprint(base: str) -> Any:
 
 
 def lora_config(info: CheckpointInfo):
-    """The run's LoraConfig, built by PEFT from the saved JSON."""
+    """The run's LoraConfig, built by PEFT from the saved JSON.
+
+    Raises:
+        AdapterConfigError: PEFT cannot build it, or it sets a key this PEFT does not know (PEFT would
+            ignore it with a warning: a newer PEFT's feature, or a damaged key, that may change the merge).
+    """
+    import dataclasses
+    import warnings
+
+    import peft
+    from peft import LoraConfig
     from peft.config import PeftConfig
 
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = {k: v for k, v in info.lora_config.items() if k not in known and v not in (None, False, "", [], {})}
+    if unknown:  # a newer PEFT's keys left at their defaults (None, False, empty) change nothing: let them be
+        key = sorted(unknown)[0]
+        raise AdapterConfigError(
+            f"{info.adapter_config_path} sets {key}={unknown[key]!r}, which PEFT {peft.__version__} does not know "
+            "(a newer PEFT wrote it, or the file is damaged) and would ignore: upgrade PEFT to the training's, or "
+            "remove the key if it does not change the merge"
+        )
     try:
-        return PeftConfig.from_peft_type(**info.lora_config)
+        with warnings.catch_warnings():  # PEFT's notice about those ignored keys
+            warnings.simplefilter("ignore", UserWarning)
+            return PeftConfig.from_peft_type(**info.lora_config)
     except (TypeError, ValueError) as e:
         raise AdapterConfigError(f"PEFT cannot build a LoraConfig from {info.adapter_config_path}: {e}") from e
 
