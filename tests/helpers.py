@@ -134,11 +134,20 @@ def live_rounding_budget(fixture: Fixture, inputs: dict, scale: torch.Tensor, ta
     experts: a jump, not a rounding); its experts do not run in float64, so fp32 stands for exact there
     (2^-24 against the training dtype's 2^-8).
     """
-    model = reference_model(fixture).eval()
     spec = fixture.spec
+    trained_in, saved_in = DTYPES[spec.dtype], DTYPES[spec.base_dtype or spec.dtype]
+    return rounding_budget(reference_model(fixture), trained_in, saved_in, inputs, scale, taken)
+
+
+def rounding_budget(
+    reference, trained_in: torch.dtype, saved_in: torch.dtype, inputs: dict, scale: torch.Tensor, taken: list = ()
+) -> float:
+    """:func:`live_rounding_budget` for any reference model (merged, fp32): the live engine computed in
+    ``trained_in``, the converted model holds weights rounded to ``saved_in`` and runs in fp32."""
+    model = reference.eval()
     exact = _run_in(model, torch.float32 if taken else torch.float64, inputs, taken)
-    live_side = _run_in(model, DTYPES[spec.dtype], inputs, taken)
-    ours_side = _run_in(copy.deepcopy(model).to(DTYPES[spec.base_dtype or spec.dtype]), torch.float32, inputs, taken)
+    live_side = _run_in(model, trained_in, inputs, taken)
+    ours_side = _run_in(copy.deepcopy(model).to(saved_in), torch.float32, inputs, taken)
     return (((live_side - exact).abs().max() + (ours_side - exact).abs().max()) / scale).item()
 
 
