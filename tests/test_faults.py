@@ -88,6 +88,17 @@ def _adapter_config(*, drop: str | None = None, **changes):
     return change
 
 
+def _base_config(**changes):
+    def change(trained, tmp_path, run):
+        base = tmp_path / "base"
+        shutil.copytree(trained(FIXTURE).base, base)
+        path = base / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))  # json writes NaN as NaN
+        return ["--base-model", str(base)]
+
+    return change
+
+
 def _nan_master(trained, tmp_path, run):
     optim = rank_files(_tag_dir(run))[1][0]
 
@@ -193,6 +204,8 @@ BAD_INPUTS = {
         _adapter_config(lora_future_scaling=2.0),
         "sets lora_future_scaling=2.0, which PEFT",
     ),
+    "adapter config with lora_alpha null": (_adapter_config(lora_alpha=None), "lora_alpha a number"),
+    "base config with a NaN": (_base_config(rms_norm_eps=float("nan")), "sets rms_norm_eps to nan"),
     "NaN in a trained weight": (_nan_master, "holds NaN or inf"),
     "base that needs its own code": (_custom_code_base, "never runs code from a model folder"),
     "base .bin holding a pickled object": (_pickled_base, "holds pickled objects other than tensors"),

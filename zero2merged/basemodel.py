@@ -5,8 +5,10 @@ Shared by inspect (which looks at the base on the meta device, without weights) 
 
 from __future__ import annotations
 
+import math
 import pickle
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,8 +46,8 @@ def base_config(base_model: str):
         # A path, not a hub id: say so, rather than the hub's complaint about the id's characters
         raise BaseModelError(f"the base model {base_model} does not exist; pass --base-model with its folder")
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=False)  # never a model folder's code
-    except (OSError, ValueError, KeyError) as e:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)  # never a model folder's code
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         if "trust_remote_code" in str(e):
             raise BaseModelError(
                 f"the base model {base_model} needs code of its own (trust_remote_code), and "
@@ -56,6 +58,27 @@ def base_config(base_model: str):
             f"cannot read the base model's config at {base_model}: {first_line(e)}; "
             "pass --base-model with the model the adapter was trained on"
         ) from e
+    # JSON has no NaN or infinity, but Python's reader takes them: such a value (an rms_norm_eps, say) would
+    # make every output NaN, which the per-layer checks of the streaming merge never run into
+    for key, value in _numbers(config.to_dict()):
+        if not math.isfinite(value):
+            raise BaseModelError(
+                f"the base model's config at {base_model} sets {key} to {value}: the file is damaged; "
+                "get an intact copy of the model"
+            )
+    return config
+
+
+def _numbers(value, key: str = "") -> Iterator[tuple[str, float]]:
+    """The floats of a config's dict, with their keys, however nested."""
+    if isinstance(value, float):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{key}[{i}]")
 
 
 def base_dtype(config) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,14 @@ def _read_lora_config(path: Path) -> dict:
             f"the adapter config {path} lacks {', '.join(missing)}, which PEFT's save_pretrained always writes and "
             "the merge depends on: the file is damaged or was edited; pass the run's own with --adapter-config"
         )
+    r, alpha = config["r"], config["lora_alpha"]
+    if not (type(r) is int and r > 0) or not (isinstance(alpha, int | float) and not isinstance(alpha, bool)):
+        raise AdapterConfigError(
+            f"the adapter config {path} sets r={r!r}, lora_alpha={alpha!r}: r must be a positive integer and "
+            "lora_alpha a number; the file is damaged or was edited"
+        )
+    if not math.isfinite(alpha):
+        raise AdapterConfigError(f"the adapter config {path} sets lora_alpha={alpha}: the file is damaged")
     return config
 
 
