@@ -166,6 +166,11 @@ def _latest_not_text(trained, tmp_path, run):
     return []
 
 
+def _latest_long(trained, tmp_path, run):
+    (run / "latest").write_bytes(b"a" * (1 << 20))
+    return []
+
+
 def _not_a_checkpoint(trained, tmp_path, run):
     shutil.rmtree(run)
     run.mkdir()
@@ -187,6 +192,8 @@ BAD_INPUTS = {
     "not a checkpoint": (_not_a_checkpoint, "is not a DeepSpeed checkpoint"),
     "latest names a missing tag": (_latest_names_missing_tag, "'global_step99' has no folder"),
     "latest not text": (_latest_not_text, "does not hold a tag name (not UTF-8 text)"),
+    "latest a megabyte long": (_latest_long, "does not hold a tag name (too long)"),
+    "a tag name too long for a file name": (lambda *a: ["--tag", "t" * 300], "has no folder"),
     "tag leaves the checkpoint": (lambda *a: ["--tag", "../../etc"], "refusing to leave"),
     "a rank's files missing": (_missing_rank_file, "split across 2 ranks but 1 optimizer files"),
     "more rank files than partitions": (_extra_rank_file, "split across 2 ranks but 3 optimizer files"),

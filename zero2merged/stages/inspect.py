@@ -97,13 +97,16 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
     if tag is None:
         latest = checkpoint / names.LATEST
         if latest.is_file():
+            with open(latest, "rb") as f:
+                raw = f.read(NAME_MAX + 2).strip()  # a folder's name, and its newline; anything longer is not one
             try:
-                with open(latest, "rb") as f:
-                    tag = f.read(4096).decode("utf-8").strip()  # a tag's name; anything longer is not one
+                tag = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise CheckpointError(
                     f"{latest} does not hold a tag name (not UTF-8 text): the file is damaged; pass --tag"
                 ) from e
+            if len(raw) > NAME_MAX:
+                raise CheckpointError(f"{latest} does not hold a tag name (too long): the file is damaged; pass --tag")
         elif len(tags) == 1:
             tag = tags[0]
         else:
@@ -112,7 +115,7 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
             )
     if not tag or Path(tag).name != tag or tag in (".", ".."):
         raise CheckpointError(f"tag {tag!r} is not a folder name inside {checkpoint}; refusing to leave it")
-    if not (checkpoint / tag).is_dir():
+    if len(tag.encode()) > NAME_MAX or not (checkpoint / tag).is_dir():
         known = ", ".join(tags) or "none"
         raise CheckpointError(f"tag {tag!r} has no folder in {checkpoint} (tags found: {known})")
     return Location(checkpoint, tag, tags)
@@ -143,6 +146,9 @@ def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
         "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
         "infer the rest from the checkpoint"
     )
+
+
+NAME_MAX = 255  # the longest file name Linux filesystems take, in bytes
 
 
 def _read_lora_config(path: Path) -> dict:
