@@ -15,7 +15,7 @@ import torch
 
 from zero2merged import names
 from zero2merged.dtypes import SHORT_NAMES
-from zero2merged.errors import BaseModelError
+from zero2merged.errors import BaseModelError, first_line
 
 # PEFT's task types and the Auto class each one trains.
 TASK_AUTO_CLASSES = {
@@ -329,11 +329,6 @@ def checkpoint_vocab(shapes: dict[str, list[int]], module: str) -> set[int]:
         elif part.endswith("weight") and not part.startswith("lora_"):
             rows.add(shape[0])
     return rows
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def saved_dtypes(model, dtype: torch.dtype):

@@ -52,3 +52,9 @@ class Interrupted(KeyboardInterrupt):
 
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one bounded line, for an error that quotes a library's."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

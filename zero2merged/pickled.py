@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.errors import BaseModelError
+from zero2merged.errors import BaseModelError, first_line
 from zero2merged.safetensors_io import CHUNK_BYTES, Ranges
 
 
@@ -38,14 +38,14 @@ class PickledWeights:
                 self.mapped = False
         except pickle.UnpicklingError as e:
             raise BaseModelError(
-                f"{path} holds pickled objects other than tensors ({_first_line(e)}); refusing to load it "
+                f"{path} holds pickled objects other than tensors ({first_line(e)}); refusing to load it "
                 "(a pickle can run code): convert the base to safetensors where it came from"
             ) from e
         except (RuntimeError, OSError, EOFError, ValueError, MemoryError, OverflowError) as e:
             # Damaged: torch checks each record against the sizes the pickle claims (RuntimeError), a legacy
             # file's claim may be past what can be allocated (MemoryError, or RuntimeError from torch's own).
             raise BaseModelError(
-                f"cannot read the base's weights {path}: {_first_line(e)}; the file is damaged or not a "
+                f"cannot read the base's weights {path}: {first_line(e)}; the file is damaged or not a "
                 "PyTorch weight file"
             ) from e
         if not isinstance(loaded, dict) or not all(
@@ -98,8 +98,3 @@ class PickledWeights:
         step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
         for first in range(0, shape[0], step):
             yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.errors import Zero2MergedError
+from zero2merged.errors import Zero2MergedError, first_line
 
 # safetensors' dtype names, in the order of its Rust enum: save_file lays tensors out by this order
 # (highest first), then by name.
@@ -320,7 +320,7 @@ def read_header(path: Path) -> Header:
     try:
         header = json.loads(blob.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise HeaderError(f"{path}: the header is not UTF-8 JSON ({_first_line(e)}); {DAMAGED}") from e
+        raise HeaderError(f"{path}: the header is not UTF-8 JSON ({first_line(e)}); {DAMAGED}") from e
     if not isinstance(header, dict):
         raise HeaderError(f"{path}: the header is a JSON {type(header).__name__}, not an object; {DAMAGED}")
     metadata = header.pop("__metadata__", None) or {}
@@ -363,7 +363,7 @@ def _references(path: Path, metadata: dict[str, str], header: dict) -> dict[str,
     try:
         listed = json.loads(metadata[REFERENCES_KEY])
     except (ValueError, RecursionError) as e:
-        raise HeaderError(f"{path}: its {REFERENCES_KEY} are not JSON ({_first_line(e)}); {DAMAGED}") from e
+        raise HeaderError(f"{path}: its {REFERENCES_KEY} are not JSON ({first_line(e)}); {DAMAGED}") from e
     if not isinstance(listed, dict):
         raise HeaderError(f"{path}: its {REFERENCES_KEY} are not a JSON object; {DAMAGED}")
     sizes: dict[str, int] = {}  # each referenced file stat'ed once
@@ -426,11 +426,6 @@ def _is_count(value) -> bool:
 
 def _short(value) -> str:
     return reprlib.repr(value)  # bounded, however large the value
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class Readers(dict):

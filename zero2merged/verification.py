@@ -13,10 +13,9 @@ from zero2merged.basemodel import (
     auto_class_name,
     base_config,
     base_dtype,
-    first_line,
     load_base,
 )
-from zero2merged.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError
+from zero2merged.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError, first_line
 from zero2merged.options import Source
 from zero2merged.parity import SAVE_TOLERANCES, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, RebuildResult

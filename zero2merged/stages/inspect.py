@@ -16,8 +16,7 @@ from typing import Any
 
 from zero2merged import names
 from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
-from zero2merged.basemodel import first_line
-from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError
+from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
 from zero2merged.manifest import files_stat
 from zero2merged.options import Source
 from zero2merged.results import CheckpointInfo, ZeroLayout

@@ -15,10 +15,9 @@ from zero2merged.basemodel import (
     checkpoint_vocab,
     choose_base,
     embedding_modules,
-    first_line,
     load_base,
 )
-from zero2merged.errors import AdapterConfigError, BaseModelError
+from zero2merged.errors import AdapterConfigError, BaseModelError, first_line
 from zero2merged.manifest import files_stat
 from zero2merged.modelfiles import files_in
 from zero2merged.results import CheckpointInfo, RebuildResult, ResizedVocab
