@@ -10,16 +10,15 @@ whole. Memory-mapped (``mmap=True``) where the file is a zip archive, as every f
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from zero2merged.errors import BaseModelError, first_line
-from zero2merged.safetensors_io import CHUNK_BYTES, Ranges
+from zero2merged.safetensors_io import Ranges, RowChunks
 
 
-class PickledWeights:
+class PickledWeights(RowChunks):
     """The tensors of one ``.bin`` weight file.
 
     Raises:
@@ -86,15 +85,3 @@ class PickledWeights:
         if self.mapped:
             release(view)  # the file's pages, read: out of this process's memory again (never for heap memory)
         return out
-
-    def chunks(
-        self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first row, rows)`` pieces of about ``chunk_bytes`` (a 1-D tensor comes whole)."""
-        shape = self.shape(name)
-        if len(shape) < 2:
-            yield 0, self.get(name, into=into)
-            return
-        step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
-        for first in range(0, shape[0], step):
-            yield first, self.get(name, slice(first, min(first + step, shape[0])), into)

@@ -191,7 +191,25 @@ class Writer:
         self._sources.clear()
 
 
-class Reader:
+class RowChunks:
+    """Reading a tensor a block of rows at a time, for a reader with ``shape``, ``nbytes`` and
+    ``get(name, rows, into)`` (:class:`Reader`; :class:`~zero2merged.pickled.PickledWeights`)."""
+
+    def chunks(
+        self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole);
+        with ``into`` (see :meth:`get`), a piece is only valid until the next one is read."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield 0, self.get(name, into=into)
+            return
+        step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
+        for first in range(0, shape[0], step):
+            yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
+
+
+class Reader(RowChunks):
     """Reads tensors of one safetensors file with ``pread``: no mapping, so nothing read stays resident.
 
     Referenced tensors (see the module's doc) are read from the files their ranges name.
@@ -264,19 +282,6 @@ class Reader:
                 if self.observe is not None:
                     self.observe(file, offset + lo - at, view[lo - begin : hi - begin])
             at += nbytes
-
-    def chunks(
-        self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first row, rows)`` pieces of a tensor, about ``chunk_bytes`` each (a 1-D tensor comes whole);
-        with ``into`` (see :meth:`get`), a piece is only valid until the next one is read."""
-        shape = self.shape(name)
-        if len(shape) < 2:
-            yield 0, self.get(name, into=into)
-            return
-        step = max(1, chunk_bytes // max(self.nbytes(name) // max(shape[0], 1), 1))
-        for first in range(0, shape[0], step):
-            yield first, self.get(name, slice(first, min(first + step, shape[0])), into)
 
 
 class HeaderError(Zero2MergedError, OSError):
