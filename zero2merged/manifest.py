@@ -37,7 +37,8 @@ class FileHashes:
     def __init__(self) -> None:
         self._done: dict[tuple, str] = {}
         self._pending: dict[tuple, Future] = {}  # a background flush (and hash) still running
-        self._thread: ThreadPoolExecutor | None = None  # started by the first flush_later
+        self._thread: ThreadPoolExecutor | None = None  # started by the first flush_as_written
+        self._open: set[Flushing] = set()  # files being flushed, closed when done (or when abandoned)
 
     def sha256(self, path: Path) -> str:
         """The file's sha256 (waiting for its background flush, and raising what that raised)."""
@@ -52,34 +53,18 @@ class FileHashes:
                 os.close(fd)
         return self._done[key]
 
-    def flush_later(self, path: Path, *, hashing: bool = True) -> Future:
-        """Flush a finished file to disk and (with ``hashing``) hash it on the background thread, while the
-        caller goes on to write the next one (on another core: both wait on the kernel, not on Python).
+    def flush_as_written(self, path: Path, *, hashing: bool = True) -> Flushing:
+        """Flush a file being written to disk, and (with ``hashing``) hash it, on the background thread as its
+        beginning is done (:meth:`Flushing.upto`), while the caller goes on writing: no second pass over a
+        finished file, and its flushed bytes leave the page cache (see :class:`Flushing`).
 
-        The caller must wait for the returned future before relying on the file (a full disk may show only
-        when it is flushed); :meth:`sha256` waits for it too. The file is opened now, so renaming its folder
-        meanwhile does not matter. Hashing pays only in the process that writes the manifest.
+        The caller must wait for :meth:`Flushing.done`'s future before relying on the file (a full disk may
+        show only when it is flushed); :meth:`sha256` waits for it too. The file is opened now, so renaming
+        its folder meanwhile does not matter. Hashing pays only in the process that writes the manifest.
         """
-        fd = os.open(path, os.O_RDONLY)
-        key = _key(os.fstat(fd))
-
-        def finish() -> None:
-            try:
-                os.fsync(fd)
-                if hashing:
-                    self._done[key] = _sha256_fd(fd)
-            finally:
-                os.close(fd)
-
-        def close_if_dropped(future: Future) -> None:
-            if future.cancelled():  # dropped by close(abandon=True) before it started
-                os.close(fd)
-
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero2merged-flush")
-        self._pending[key] = done = self._thread.submit(finish)
-        done.add_done_callback(close_if_dropped)
-        return done
+        return Flushing(self, path, hashing)
 
     def close(self, *, abandon: bool = False) -> None:
         """Wait for the background work and stop its thread. With ``abandon`` (the run failed or was
@@ -88,6 +73,8 @@ class FileHashes:
         if self._thread is not None:
             self._thread.shutdown(wait=True, cancel_futures=abandon)
             self._thread = None
+        for flushing in list(self._open):  # abandoned before done()
+            flushing.close()
 
     def __enter__(self) -> FileHashes:
         return self
@@ -96,15 +83,77 @@ class FileHashes:
         self.close(abandon=exc_type is not None)
 
 
+class Flushing:
+    """A file being written, handed to :class:`FileHashes`' thread a finished beginning at a time: each piece
+    is hashed (read back from the page cache, where it still is), flushed to disk, and dropped from the page
+    cache. A conversion writes each byte once and never reads it again, and the model is larger than the
+    page cache should give it: keeping it there evicts what the machine had cached, and on a VM whose host
+    hands out fresh memory slowly, writing into recycled pages is what keeps a write at the disk's speed
+    (docs/scaling.md measures it).
+    """
+
+    def __init__(self, hashes: FileHashes, path: Path, hashing: bool):
+        self.hashes, self.path, self.hashing = hashes, path, hashing
+        self.fd = os.open(path, os.O_RDONLY)
+        self.digest = hashlib.sha256() if hashing else None
+        self.at = 0  # bytes handed on so far
+        self.error: BaseException | None = None  # a piece's flush failed: done()'s future raises it
+        hashes._open.add(self)
+
+    def upto(self, end: int) -> None:
+        """Bytes ``[0, end)`` of the file are written for good: hash and flush them in the background."""
+        if end > self.at:
+            begin, self.at = self.at, end
+            self.hashes._thread.submit(self._flush, begin, end)
+
+    def done(self) -> Future:
+        """The file is complete (and closed by its writer): the rest, then its hash recorded."""
+        self.upto(os.fstat(self.fd).st_size)
+        key = _key(os.fstat(self.fd))
+
+        def finish() -> None:
+            try:
+                if self.error is not None:
+                    raise self.error
+                os.fsync(self.fd)
+                if self.digest is not None:
+                    self.hashes._done[key] = self.digest.hexdigest()
+            finally:
+                self.close()
+
+        self.hashes._pending[key] = future = self.hashes._thread.submit(finish)
+        return future
+
+    def close(self) -> None:
+        if self in self.hashes._open:
+            self.hashes._open.discard(self)
+            os.close(self.fd)
+
+    def _flush(self, begin: int, end: int) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.digest is not None:
+                _sha256_fd(self.fd, begin=begin, end=end, digest=self.digest)
+            os.fdatasync(self.fd)  # reports a full disk once: kept for done()
+            os.posix_fadvise(self.fd, 0, end, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            self.error = e
+
+
 def _key(stat: os.stat_result) -> tuple:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _sha256_fd(fd: int, chunk: int = 1 << 22) -> str:
-    digest, buffer, at = hashlib.sha256(), bytearray(chunk), 0
+def _sha256_fd(fd: int, chunk: int = 1 << 22, *, begin: int = 0, end: int | None = None, digest=None) -> str:
+    """The sha256 of a file's bytes ``[begin, end)`` (to its end by default), continuing ``digest`` if given."""
+    digest, buffer, at = digest or hashlib.sha256(), bytearray(chunk), begin
     view = memoryview(buffer)
-    while got := os.preadv(fd, [view], at):  # one buffer, reused: no fresh pages per block
-        digest.update(view[:got])
+    while end is None or at < end:
+        got = os.preadv(fd, [view if end is None else view[: min(chunk, end - at)]], at)
+        if not got:
+            break
+        digest.update(view[:got])  # one buffer, reused: no fresh pages per block
         at += got
     return digest.hexdigest()
 

@@ -72,7 +72,7 @@ class ConvertReport:
                 f"  parity saved ({self.dtype}) vs fp32 merge: max abs diff {saved.parity.max_abs_diff:.3g}, "
                 f"top-1 agreement {saved.parity.top1_agreement:.4f}"
             )
-        checked = [s.result.checked for s in self.stages if s.status == "ran" and hasattr(s.result, "checked")]
+        checked = [s.result.checked for s in self.stages if s.status == "ran" and getattr(s.result, "checked", None)]
         if any(c.records for c in checked):
             lines.append(
                 f"  rank files: the CRC-32 of the {sum(c.records for c in checked)} records read matches "

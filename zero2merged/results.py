@@ -176,7 +176,8 @@ class Checked(Record):
 @dataclass
 class ConsolidateResult(StageResult):
     """Stage 2's store: tensors by kind, its size on disk, the parameters it holds, and the CRC-32 checks of
-    the rank files' records it read (the masters; the frozen params are checked by stage 4)."""
+    the rank files' records it read (the masters; the frozen params are checked where they are read: by stage
+    4 in memory, by stage 5 streaming)."""
 
     trainable: int
     frozen: int
@@ -240,7 +241,8 @@ class LoadResult(StageResult):
         frozen_checked: Saved frozen tensors compared with the base's.
         frozen_mismatched: Those that differ (kept only with ``ignore_base_mismatch``).
         sources: Streaming: wrapper key -> ``[file, name in that file]``.
-        checked: The CRC-32 checks of the rank files' records holding the saved frozen params, as they were read.
+        checked: In memory: the CRC-32 checks of the rank files' records holding the saved frozen params, as
+            they were read (streaming, stage 5 reads and checks them).
     """
 
     from_checkpoint: int
@@ -305,12 +307,15 @@ class MergeResult(StageResult):
         layers: Streaming: the LoRA layers merged one at a time, each checked.
         files: Streaming: the weight files written.
         processes: Streaming: the processes that wrote them.
+        checked: Streaming: the CRC-32 checks of the rank files' records this process read the saved frozen
+            params from (each helper checks its own).
     """
 
     parity: Parity
     layers: int | None = None
     files: int | None = None
     processes: int | None = None
+    checked: Checked | None = None
 
     def metrics(self) -> dict:
         return {key: value for key, value in self.to_dict().items() if value is not None}

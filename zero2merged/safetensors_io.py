@@ -47,6 +47,7 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 _RANK = {name: rank for rank, name in enumerate(SAFETENSORS_DTYPES.values())}
 _FROM_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # large tensors are copied and cast in pieces of about this size
+PREFIX_STEP = 256 << 20  # a file being written is handed on to be flushed (and hashed) in pieces of this size
 REFERENCES_KEY = "zero2merged.references"  # metadata: name -> dtype, shape and the byte ranges holding it
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers (its N_MAX)
@@ -76,6 +77,8 @@ class Writer:
         metadata: The ``__metadata__`` strings.
         references: name -> (dtype, shape, ranges) of tensors listed by reference (see the module's doc).
         sync: Flush the file to disk on closing; without it, the caller must (before relying on it).
+        on_prefix: Called with ``n`` when the file's first ``n`` bytes are written for good (the header and
+            every tensor before the first incomplete one), each :data:`PREFIX_STEP` bytes or so.
     """
 
     def __init__(
@@ -86,8 +89,9 @@ class Writer:
         references: dict[str, tuple[torch.dtype, list[int], Ranges]] | None = None,
         *,
         sync: bool = True,
+        on_prefix: Callable[[int], None] | None = None,
     ):
-        self.path, self.sync = path, sync
+        self.path, self.sync, self.on_prefix = path, sync, on_prefix
         order = sorted(specs, key=lambda name: (-_RANK[SAFETENSORS_DTYPES[specs[name][0]]], name))
         if references:
             listed = {
@@ -119,6 +123,8 @@ class Writer:
         self._file.truncate(self.size)
         self._written: dict[str, int] = {name: 0 for name in order}
         self._sources: dict[str, int] = {}  # file descriptors of the files copied from
+        self._complete = 0  # tensors in ``order`` written whole, from the first
+        self._reported = 0  # the prefix last passed to on_prefix
 
     def write(self, name: str, data: torch.Tensor, start: int = 0) -> None:
         """Write ``data`` (a whole tensor, or consecutive rows of it from byte ``start`` on) of ``name``."""
@@ -130,7 +136,17 @@ class Writer:
         if begin + start + raw.nbytes > end:
             raise ValueError(f"{name}: write past the end of its {end - begin} bytes")
         self._pwrite(raw, self.data_start + begin + start)
-        self._written[name] += raw.nbytes
+        self._wrote(name, raw.nbytes)
+
+    def _wrote(self, name: str, nbytes: int) -> None:
+        self._written[name] += nbytes
+        order, extent, written = self.order, self.extent, self._written
+        while self._complete < len(order) and written[order[self._complete]] == _size(extent[order[self._complete]]):
+            self._complete += 1
+        prefix = self.size if self._complete == len(order) else self.data_start + extent[order[self._complete]][0]
+        if self.on_prefix is not None and prefix - self._reported >= PREFIX_STEP:
+            self.on_prefix(prefix)
+            self._reported = prefix
 
     def _pwrite(self, raw: memoryview, at: int) -> None:
         done = 0
@@ -162,7 +178,7 @@ class Writer:
                 self._pwrite(memoryview(data), at + done)
                 count = len(data)
             done += count
-        self._written[name] += nbytes
+        self._wrote(name, nbytes)
 
     def close(self) -> None:
         """Flush to disk (with ``sync``); raise if any tensor was left incomplete."""
@@ -189,6 +205,10 @@ class Writer:
         for fd in self._sources.values():
             os.close(fd)
         self._sources.clear()
+
+
+def _size(extent: tuple[int, int]) -> int:
+    return extent[1] - extent[0]
 
 
 class RowChunks:
@@ -218,13 +238,17 @@ class Reader(RowChunks):
         path: The file.
         observe: Called with ``(file, offset, bytes)`` for every byte range read, as it is read (a
             :class:`~zero2merged.zipcheck.RecordCheck` of the files references lead to).
+        read_once: The files references lead to are read once (by a conversion): drop each range read from
+            the page cache (see :class:`~zero2merged.manifest.Flushing` for why).
 
     Raises:
         HeaderError: the header (or a reference) cannot describe this file (see :func:`read_header`).
     """
 
-    def __init__(self, path: Path, observe: Callable[[str, int, memoryview], None] | None = None):
-        self.path, self.observe = path, observe
+    def __init__(
+        self, path: Path, observe: Callable[[str, int, memoryview], None] | None = None, *, read_once: bool = False
+    ):
+        self.path, self.observe, self.read_once = path, observe, read_once
         self.header, self.metadata, self.data_start, self.references = read_header(path)
 
     def keys(self) -> list[str]:
@@ -279,6 +303,8 @@ class Reader(RowChunks):
                         if got <= 0:
                             raise OSError(f"{file} is truncated: {name} ends past the end of the file")
                         done += got
+                    if self.read_once and file != str(self.path):  # a rank file's bytes, not needed again
+                        os.posix_fadvise(f.fileno(), offset + lo - at, hi - lo, os.POSIX_FADV_DONTNEED)
                 if self.observe is not None:
                     self.observe(file, offset + lo - at, view[lo - begin : hi - begin])
             at += nbytes

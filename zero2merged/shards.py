@@ -26,11 +26,13 @@ from zero2merged.basemodel import base_dir, saved_dtypes
 from zero2merged.errors import VerificationError
 from zero2merged.layers import LayerMerger, wrapped_params
 from zero2merged.layouts import Group, Layout, read_base
+from zero2merged.manifest import Flushing
 from zero2merged.options import Tuning
 from zero2merged.progress import Progress
 from zero2merged.results import Parity, RebuildResult
 from zero2merged.runtime import core_left_for_flushing
-from zero2merged.safetensors_io import Readers, Writer
+from zero2merged.safetensors_io import Reader, Readers, Writer
+from zero2merged.zipcheck import RecordCheck
 
 
 @dataclass
@@ -148,12 +150,17 @@ def write_shards(
     sources: dict[str, list[str]],
     staged: Path,
     *,
-    flush: Callable[[Path], Future],
+    flushing: Callable[[Path], Flushing],
     device: str = "cpu",
     block_bytes: int = Tuning.block_bytes,
+    records: RecordCheck | None = None,
 ) -> Parity:
     """Write the given shards of ``plan`` into ``staged``: each LoRA layer merged by PEFT and checked on probe
     activations on its way, every other weight copied from its source a chunk at a time.
+
+    Every byte read from the rank files (the saved frozen weights the consolidated store refers to) goes
+    through a CRC-32 check of its zip record (``records``), completed before this returns: this is where the
+    conversion reads them, once.
 
     Args:
         plan: The files' plan.
@@ -161,26 +168,40 @@ def write_shards(
         adapter: The adapter's name.
         sources: Stage 4's plan: wrapper key -> ``[file or base model folder, name in it]``.
         staged: The folder to write into.
-        flush: Flushes a written shard to disk in the background (and, in the process that records the
-            manifest, hashes it): :meth:`~zero2merged.manifest.FileHashes.flush_later`.
+        flushing: Flushes each shard to disk in the background as it is written (and, in the process that
+            records the manifest, hashes it): :meth:`~zero2merged.manifest.FileHashes.flush_as_written`.
         device: Where each layer is merged and checked.
         block_bytes: See :class:`~zero2merged.options.Tuning`.
+        records: The check to feed (:func:`record_check`); a fresh one if not given.
 
     Returns:
         The worst per-layer parity of the layers merged here.
 
     Raises:
         VerificationError: a layer merged to NaN/inf, or its merged output left tolerance.
+        CheckpointError: a rank file's record read here fails its CRC-32 check.
     """
-    writer = _ShardWriter(plan, shards, LayerMerger(adapter, sources, device, plan.readers, block_bytes), staged)
-    flushed = []
+    records = record_check(plan.readers, sources) if records is None else records
+    merger = LayerMerger(adapter, sources, device, plan.readers, block_bytes)
+    writer = _ShardWriter(plan, shards, merger, staged, flushing)
     with core_left_for_flushing(), Progress("merge", sum(map(plan.shard_bytes, shards)), len(writer.mine)) as progress:
         for shard in shards:
             writer.write(shard, progress)
-            flushed.append(flush(staged / shard))  # meanwhile, on the other core
-    for done in flushed:
+    records.finish()
+    for done in writer.flushed:
         done.result()  # on disk; or the error (a full disk, say) raised here, in the stage
     return writer.merger.worst
+
+
+def record_check(readers: Readers, sources: dict[str, list[str]]) -> RecordCheck:
+    """A CRC-32 check of the rank files' records that the consolidated store's references lead to, fed by its
+    reader from now on."""
+    stores = [readers[file] for file in sorted({file for file, _ in sources.values()})]
+    stores = [reader for reader in stores if isinstance(reader, Reader) and reader.references]
+    records = RecordCheck(sorted({file for s in stores for key in s.references for file, _, _ in s.ranges(key)}))
+    for reader in stores:
+        reader.observe, reader.read_once = records.feed, True
+    return records
 
 
 class _ShardWriter:
@@ -193,28 +214,41 @@ class _ShardWriter:
     are fused, or gathered whole for any other conversion.
     """
 
-    def __init__(self, plan: ShardPlan, shards: list[str], merger: LayerMerger, staged: Path):
-        self.plan, self.merger, self.staged = plan, merger, staged
+    def __init__(
+        self,
+        plan: ShardPlan,
+        shards: list[str],
+        merger: LayerMerger,
+        staged: Path,
+        flushing: Callable[[Path], Flushing],
+    ):
+        self.plan, self.merger, self.staged, self.flushing = plan, merger, staged, flushing
         self.shard_of = {name: shard for shard in shards for name in plan.split.filename_to_tensors[shard]}
         self.mine = set(self.shard_of)
-        self.open: dict[str, Writer] = {}
+        self.open: dict[str, tuple[Writer, Flushing]] = {}
+        self.flushed: list[Future] = []  # each closed shard's flush (and hash)
         self.made: set[int] = set()  # groups made (or being made)
         self.gathered: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}  # a conversion's inputs, rows filled
 
     def write(self, shard: str, progress: Progress) -> None:
-        """Make every tensor of ``shard`` (and whatever is made with them), then close it."""
-        for name in self.plan.split.filename_to_tensors[shard]:
+        """Make every tensor of ``shard`` (and whatever is made with them), in the order of the file, so that
+        its beginning is done early and flushed while the rest is made; then close it."""
+        for name in self._writer(shard).order:
             self._make(self.plan.making[name])
             progress.update(_nbytes(self.plan.files[name]), tensor_done=True)
-        self._writer(shard).close()
-        del self.open[shard]
+        writer, flushing = self.open.pop(shard)
+        writer.close()
+        self.flushed.append(flushing.done())  # the rest of it, on the other core
 
     def _writer(self, shard: str) -> Writer:
         if shard not in self.open:
             tensors = self.plan.split.filename_to_tensors[shard]
             specs = {name: (self.plan.files[name].dtype, list(self.plan.files[name].shape)) for name in tensors}
-            self.open[shard] = Writer(self.staged / shard, specs, {"format": "pt"}, sync=False)
-        return self.open[shard]
+            path = self.staged / shard
+            writer = Writer(path, specs, {"format": "pt"}, sync=False)
+            writer.on_prefix = (flushing := self.flushing(path)).upto
+            self.open[shard] = writer, flushing
+        return self.open[shard][0]
 
     def _make(self, group: Group) -> None:
         """Make a group's file tensors: merge the LoRA layers its inputs come from (what they merge goes where
@@ -257,7 +291,9 @@ class _ShardWriter:
         file, key = next(self.merger.sources[k] for k in planned.keys if k in self.merger.sources)
         reader = self.merger.readers[file]
         if group.transform is None:
-            ranges = reader.ranges(key) if reader.dtype(key) == planned.meta.dtype else None
+            # File to file in the kernel, unless the bytes must be seen: cast, or CRC-checked on the way
+            as_stored = reader.dtype(key) == planned.meta.dtype and getattr(reader, "observe", None) is None
+            ranges = reader.ranges(key) if as_stored else None
             if ranges is None:
                 for first, rows in reader.chunks(key):
                     self._deliver(name, first, rows)

@@ -63,7 +63,7 @@ def write_share(task: ShardTask) -> Parity:
             task.info.adapter_name,
             task.sources,
             Path(task.staged),
-            flush=functools.partial(hashes.flush_later, hashing=False),
+            flushing=functools.partial(hashes.flush_as_written, hashing=False),
             device=task.device,
             block_bytes=task.block_bytes,
         )

@@ -3,7 +3,11 @@
 * No unexpected key: each consolidated tensor has a place in the wrapper, with the same shape.
 * A missing key only where the checkpoint did not save frozen params; then the base supplies it.
 * Saved frozen params must equal the base's (cast to the dtype they were saved in): if not, the user gave
-  the wrong base model, or another revision of it, and a merge would silently mix two models.
+  the wrong base model, or another revision of it, and the output would carry its config and tokenizer.
+  In memory every value is compared (both models are loaded whole anyway). Streaming, a sample of rows of
+  each tensor is: the output's weights come from the checkpoint where it saved them, so the compare guards
+  only against a wrong ``--base-model``, whose every tensor differs; reading the whole base for it cost a
+  third of a 2.4B conversion (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ from zero2merged.layouts import BaseWeights, read_base
 from zero2merged.progress import Progress
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
-from zero2merged.safetensors_io import CHUNK_BYTES, Reader
+from zero2merged.safetensors_io import Reader
 from zero2merged.stages.rebuild import Rebuild
 from zero2merged.zipcheck import RecordCheck
+
+# The sample of each saved frozen tensor compared with the base's (streaming): rows spread over it, at most
+# this many, of at most this many bytes in all (one row where a row is larger: an expert of fused experts).
+SAMPLED_ROWS = 16
+SAMPLE_BYTES = 1 << 20
 
 
 class Load(Stage[LoadResult]):
@@ -136,8 +145,9 @@ def plan_sources(
     """Stage 4 (streaming): where every weight of ``model`` (the wrapper, on the meta device) comes from.
 
     The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
-    compared with the base's a chunk at a time. The base's files are read in the model's layout (through
-    its conversion mapping, where transformers has one for it).
+    compared with the base's on a sample of their rows (:func:`_sampled_difference`). The base's files are
+    read in the model's layout (through its conversion mapping, where transformers has one for it). The
+    rank files' records are not read here: stage 5 reads them, and checks their CRC-32s.
 
     Returns:
         The accounting, with ``sources``: wrapper key -> ``[file, name in that file]``, where the file is the
@@ -145,12 +155,11 @@ def plan_sources(
     """
     state = model.state_dict(keep_vars=True)
     resized = _resized_keys(state, rebuilt.resized_vocab)
-    saved, records = open_consolidated(consolidated)
+    saved = Reader(consolidated)
     base = read_base(model, rebuilt)
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
     frozen = [key for key in saved.keys() if key in info.layout.frozen]
-    buffers = torch.empty(2, CHUNK_BYTES, dtype=torch.uint8)  # a chunk of each side, reused chunk after chunk
     with Progress("load: frozen vs base", sum(saved.nbytes(key) for key in frozen), len(frozen)) as progress:
         for key in saved.keys():
             _place(state, key, saved.shape(key))
@@ -165,11 +174,16 @@ def plan_sources(
                         "--base-model is another architecture than the run trained, or its files are in a "
                         "layout transformers does not map to this class"
                     )
-                diff = _chunked_difference(saved, key, base, where[1], resized.get(key), buffers)
+                diff = _sampled_difference(saved, key, base, where[1], resized.get(key))
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
-    records.finish()  # before the accounting could blame the base for a damaged copy
+    if mismatched and not ignore_base_mismatch:  # a damaged copy of the checkpoint is not the base's fault
+        worst = max(mismatched, key=lambda m: m[1])[0]
+        records = RecordCheck(sorted({file for file, _, _ in saved.ranges(worst)}))
+        for _ in Reader(consolidated, observe=records.feed).chunks(worst):
+            pass
+        records.finish()
     accounting, from_base = _account(
         state, list(sources), info, rebuilt.resized_vocab, mismatched, ignore_base_mismatch
     )
@@ -184,7 +198,7 @@ def plan_sources(
                 "is damaged, or another architecture than the run trained"
             )
         sources[key] = where
-    accounting.sources, accounting.checked = sources, records.checked
+    accounting.sources = sources
     return accounting
 
 
@@ -223,23 +237,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _chunked_difference(
-    saved: Reader, key: str, base: BaseWeights, name: str, rows: int | None, buffers: torch.Tensor
-) -> float | None:
-    """:func:`_difference` of two stored tensors, a chunk of rows at a time (the first ``rows`` only), each
-    side read into its row of ``buffers``."""
+def _sampled_difference(saved: Reader, key: str, base: BaseWeights, name: str, rows: int | None) -> float | None:
+    """:func:`_difference` of two stored tensors on :data:`SAMPLED_ROWS` rows spread evenly over the first
+    ``rows`` (the first and the last among them), or whole where that is less than a sample's bytes (a
+    norm's weight, a bias). Another model's weights, or another revision's, differ in nearly every row; a
+    sample finds them for a few hundred kilobytes read of each side instead of the whole base."""
+    shape = saved.shape(key)
+    limit = (shape[0] if rows is None else min(rows, shape[0])) if shape else 0
+    row_bytes = saved.nbytes(key) // max(shape[0], 1) if shape else 0
+    if not shape:
+        chosen = [None]
+    elif len(shape) < 2 or limit * row_bytes <= SAMPLE_BYTES:
+        chosen = [slice(0, limit)]
+    else:
+        count = max(1, min(SAMPLED_ROWS, SAMPLE_BYTES // row_bytes, limit))
+        picks = sorted({round(i * (limit - 1) / max(count - 1, 1)) for i in range(count)})
+        chosen = [slice(row, row + 1) for row in picks]
     worst = None
-    for first, chunk in saved.chunks(key, into=buffers[0]):
-        if rows is not None:
-            chunk = chunk[: max(0, rows - first)]
-            if chunk.shape[0] == 0:
-                break
-        other = (
-            base.get(name, slice(first, first + chunk.shape[0]), buffers[1])
-            if chunk.dim() > 1
-            else base.get(name, into=buffers[1])
-        )
-        diff = _difference(chunk, other)
+    for part in chosen:
+        diff = _difference(saved.get(key, part), base.get(name, part))
         if diff is not None:
             worst = max(worst or 0.0, diff)
     return worst

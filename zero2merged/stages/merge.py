@@ -27,7 +27,7 @@ from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_
 from zero2merged.parity import MERGE_TOLERANCE, compare_routed, probe_inputs, routed_outputs, routes_to_tensors
 from zero2merged.results import CheckpointInfo, MergeResult, RebuildResult
 from zero2merged.runner import Stage
-from zero2merged.shards import deal, plan_shards, write_configs, write_index, write_shards
+from zero2merged.shards import deal, plan_shards, record_check, write_configs, write_index, write_shards
 from zero2merged.stages.load import Load
 from zero2merged.stages.rebuild import Rebuild
 from zero2merged.workers import Helpers, ShardTask
@@ -167,6 +167,7 @@ def merge_streaming(
     sizes = {shard: plan.shard_bytes(shard) for shard in plan.split.filename_to_tensors}
     mine, *theirs = deal(sizes, 1 + (helpers.size if helpers else 0))
     pending = helpers.start([dataclasses.replace(task, shards=share) for share in theirs]) if helpers else list
+    records = record_check(plan.readers, task.sources)  # each helper checks what it reads
     try:
         worst = write_shards(
             plan,
@@ -174,9 +175,10 @@ def merge_streaming(
             task.info.adapter_name,
             task.sources,
             Path(task.staged),
-            flush=hashes.flush_later,
+            flushing=hashes.flush_as_written,
             device=task.device,
             block_bytes=task.block_bytes,
+            records=records,
         )
     except Exception:
         with contextlib.suppress(Exception):
@@ -194,4 +196,5 @@ def merge_streaming(
         layers=len(plan.layers),
         files=len(sizes),
         processes=len([share for share in (mine, *theirs) if share]),
+        checked=records.checked,
     )
