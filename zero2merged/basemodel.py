@@ -295,12 +295,22 @@ def _index_shards(index: Path, suffix: str) -> list[str]:
     return sorted(shards)
 
 
-def meta_model(auto_name: str, config):
-    """The base's module tree without weights (meta device): for names, shapes and ties, at no cost."""
+def meta_model(auto_name: str, config, *, real_buffers: bool = False):
+    """The base's module tree without weights (meta device): for names, shapes and ties, at no cost. With
+    ``real_buffers``, in fp32 with its buffers computed (a rotary embedding's frequencies), ready to run with
+    its weights given a block at a time (:mod:`zero2merged.blockwise`)."""
     import transformers
 
+    build = getattr(transformers, auto_name).from_config
+    if real_buffers:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = build(config, dtype=torch.float32)
+        model.tie_weights()  # the context gives each parameter a fresh meta tensor, tied ones too
+        return model
     with torch.device("meta"):
-        return getattr(transformers, auto_name).from_config(config)
+        return build(config)
 
 
 def _module_name(model, module) -> str | None:

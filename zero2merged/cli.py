@@ -280,9 +280,17 @@ def inspect(checkpoint, check, as_json, **source) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="A text file, one prompt per line, tokenized with the base's tokenizer [default: random ids].",
 )
+@click.option(
+    "--in-memory",
+    is_flag=True,
+    help="Load both models whole (about twice the model in fp32) instead of a block at a time.",
+)
 @json_option
-def verify(merged, checkpoint, adapter, prompts, as_json, **source) -> None:
+def verify(merged, checkpoint, adapter, prompts, in_memory, as_json, **source) -> None:
     """Check that MERGED behaves like the unmerged model (from --checkpoint, or --adapter + --base-model).
+
+    Against a checkpoint, both models run side by side a block at a time, each block's weights read from
+    disk when it runs: the memory of one block, whatever the model's size.
 
     Exit code 0 when the parity is within tolerance, 1 when not.
 
@@ -293,7 +301,7 @@ def verify(merged, checkpoint, adapter, prompts, as_json, **source) -> None:
     """
     from zero2merged.verification import verify as run_verify
 
-    report = run_verify(merged, checkpoint, adapter=adapter, prompts=prompts, **source)
+    report = run_verify(merged, checkpoint, adapter=adapter, prompts=prompts, in_memory=in_memory, **source)
     p = report.parity
     verdict = "PASS" if report.passed else "FAIL"
     if as_json:

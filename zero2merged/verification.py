@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,66 @@ from zero2merged import names
 from zero2merged.basemodel import (
     auto_class_name,
     base_config,
+    base_dir,
     base_dtype,
     load_base,
+    meta_model,
 )
+from zero2merged.blockwise import DiskWeights, aliases, meta_failure, run_from_disk
 from zero2merged.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError, first_line
+from zero2merged.layouts import BaseWeights, Layout, read_base
 from zero2merged.options import Source
 from zero2merged.parity import SAVE_TOLERANCES, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, RebuildResult
+from zero2merged.safetensors_io import Readers
+from zero2merged.stages.consolidate import consolidate
 from zero2merged.stages.inspect import inspect_checkpoint
-from zero2merged.stages.load import load_weights
+from zero2merged.stages.load import load_weights, plan_sources
 from zero2merged.stages.rebuild import rebuild
 from zero2merged.zero import ZeroReader
+
+
+def unmerged_from_disk(info: CheckpointInfo, scratch: Path) -> tuple[Any, RebuildResult]:
+    """The model as training left it, run a block at a time (:mod:`zero2merged.blockwise`): the base wrapped
+    by PEFT on the meta device, each block's weights read when it runs, the trained ones from the fp32
+    masters. Stage 2 writes its store of the masters into ``scratch`` (the frozen weights by reference: a few
+    hundred MB at most), and stage 4 finds every weight's source, comparing the saved frozen ones with the
+    base's, as a conversion does.
+
+    Returns:
+        ``(peft_model, rebuild's result)``.
+    """
+    store = scratch / names.CONSOLIDATED
+    consolidate(info, store)
+    model, rebuilt = rebuild(info, on_meta=True, real_buffers=True)
+    sources = plan_sources(model, store, info, rebuilt).sources
+    readers = Readers()
+    base = read_base(model, rebuilt)
+    readers[base.folder] = base
+    where = {}
+    for key, names_of in aliases(model).items():
+        found = next((sources[name] for name in names_of if name in sources), None)
+        if found is not None:
+            where[key] = (readers[found[0]], found[1])
+    run_from_disk(model, DiskWeights(where))
+    return model, rebuilt
+
+
+def merged_from_disk(auto_class: str, folder: Path) -> Any:
+    """A merged model's folder as ``from_pretrained`` would load it in fp32 (through its conversion mapping),
+    run a block at a time (:mod:`zero2merged.blockwise`)."""
+    model = meta_model(auto_class, base_config(str(folder)), real_buffers=True)
+    names_of = aliases(model)
+    files = BaseWeights(base_dir(str(folder)), Layout(model, list(names_of)))
+    where = {}
+    for key, tied in names_of.items():
+        stored = next((name for name in tied if name in files), None)  # a tied weight is stored once
+        if stored is not None:
+            where[key] = (files, stored)
+        elif key in dict(model.named_parameters()):
+            raise VerificationError(f"the merged model's files in {folder} give no {key}")
+    run_from_disk(model, DiskWeights(where))
+    return model
 
 
 def unmerged_model(info: CheckpointInfo) -> tuple[Any, RebuildResult]:
@@ -61,6 +111,7 @@ def verify(
     *,
     adapter: Path | str | None = None,
     prompts: Path | str | None = None,
+    in_memory: bool = False,
     **source: Any,
 ) -> VerifyReport:
     """Compare a merged model's outputs with the unmerged model's.
@@ -70,11 +121,16 @@ def verify(
     lines of a ``prompts`` text file tokenized with the base's tokenizer. The tolerance is the one for the
     merged model's stored dtype. The merged model may come from anywhere (zero2merged or a manual recipe).
 
+    Against a checkpoint, both models run a block at a time side by side (:mod:`zero2merged.blockwise`):
+    the memory one block's weights take in fp32, whatever the model's size. ``in_memory`` loads both whole
+    (as ``from_pretrained`` does), as does the ``adapter`` form; the figures are the same either way.
+
     Args:
         merged: The merged model's folder.
         checkpoint: The DeepSpeed checkpoint it was made from; or
         adapter: a PEFT adapter folder, with ``base_model``.
         prompts: A text file, one prompt per line [default: seeded random token ids].
+        in_memory: Load both models whole instead of a block at a time.
         **source: With ``checkpoint``, the rest of :class:`~zero2merged.options.Source` (``base_model``,
             ``tag``, ``adapter_config``, ``lora_alpha``, ``use_rslora``, ``unsafe_pickle``); with
             ``adapter``, ``base_model``.
@@ -91,11 +147,18 @@ def verify(
             "(--checkpoint or --adapter), one of them"
         )
     lines = None if prompts is None else read_prompts(Path(prompts))  # up front: before minutes of loading
+    with tempfile.TemporaryDirectory(prefix="zero2merged-verify-") as scratch:
+        return _verify(
+            merged, checkpoint, adapter, lines, prompts, in_memory or checkpoint is None, Path(scratch), source
+        )
+
+
+def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratch: Path, source: dict) -> VerifyReport:
     if checkpoint is not None:
         run = Source(checkpoint, **source)
         with run.pickle_policy():
             info = inspect_checkpoint(run)
-            unmerged, rebuilt = unmerged_model(info)
+            unmerged, rebuilt = unmerged_model(info) if in_memory else unmerged_from_disk(info, scratch)
         auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
     else:
         base = source.get("base_model")
@@ -107,13 +170,21 @@ def verify(
         unmerged, auto_class = _adapter_model(Path(adapter), base)
         origin, tag = str(Path(adapter).resolve()), None
     merged_dtype = base_dtype(base_config(str(merged)))
-    merged_model = load_base(auto_class, str(merged), torch.float32)
+    if in_memory:
+        merged_model = load_base(auto_class, str(merged), torch.float32)
+    else:
+        merged_model = merged_from_disk(auto_class, Path(merged))
     if prompts is None:
         inputs, described = probe_inputs(merged_model.config), "seeded random token ids"
     else:
         inputs = prompt_inputs(lines, base, merged_model.config)
         described = f"{len(inputs['input_ids'])} prompts from {Path(prompts).resolve()}"
-    parity = compare_models(merged_model, unmerged, inputs)
+    try:
+        parity = compare_models(merged_model, unmerged, inputs)
+    except (NotImplementedError, RuntimeError, KeyError) as e:
+        if in_memory:
+            raise
+        raise meta_failure(e) from e
     tolerance = SAVE_TOLERANCES[merged_dtype]
     try:
         parity.check(tolerance, "merged vs unmerged")

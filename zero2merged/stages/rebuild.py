@@ -16,6 +16,7 @@ from zero2merged.basemodel import (
     choose_base,
     embedding_modules,
     load_base,
+    meta_model,
 )
 from zero2merged.errors import AdapterConfigError, BaseModelError, first_line
 from zero2merged.manifest import files_stat
@@ -85,12 +86,13 @@ def lora_config(info: CheckpointInfo):
         raise AdapterConfigError(f"PEFT cannot build a LoraConfig from {info.adapter_config_path}: {e}") from e
 
 
-def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, RebuildResult]:
+def rebuild(info: CheckpointInfo, *, on_meta: bool = False, real_buffers: bool = False) -> tuple[Any, RebuildResult]:
     """Stage 3: build the base model in fp32 and wrap it with PEFT; check the wrapper has the saved keys.
 
     Args:
         info: Stage 1's result.
         on_meta: Build on the meta device (no weights: the streaming path materializes one layer at a time).
+        real_buffers: With ``on_meta``, compute the buffers (to run it a block at a time: ``verify``).
 
     Returns:
         ``(peft_model, result)``; the result names the classes and dtypes used, and for each wrapper key
@@ -106,7 +108,10 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False) -> tuple[Any, Rebuil
     base_cfg = base_config(info.base_model)
     auto_name, base = choose_base(info.lora_config, base_cfg, list(info.layout.trainable_shapes))
     # fp32, whatever the base is stored in: PEFT merges in the weights' dtype, and the masters are fp32.
-    base = base if on_meta else load_base(auto_name, info.base_model)
+    if real_buffers:
+        base = meta_model(auto_name, base_cfg, real_buffers=True)
+    elif not on_meta:
+        base = load_base(auto_name, info.base_model)
     resized = resize_to_checkpoint(base, info)
     names_in_base = _names_by_object(base)
     # PEFT names the base it is given in the config, and warns when the run's config named another path (a
