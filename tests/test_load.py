@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zero2merged.stages.load import _difference
+from zero2merged.safetensors_io import Reader, Writer
+from zero2merged.stages.load import SAMPLE_BYTES, SAMPLED_ROWS, _difference, _sampled_difference
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -21,3 +22,35 @@ def test_frozen_weights_are_compared_by_value(dtype, size, offset):
     assert _difference(saved, base) is None  # other bits, the same value
     base[-1] += 0.25
     assert _difference(saved, base) == pytest.approx(0.25, rel=0.01)
+
+
+def _stored(tmp_path, name: str, tensor: torch.Tensor) -> Reader:
+    path = tmp_path / f"{name}.safetensors"
+    with Writer(path, {"w": (tensor.dtype, list(tensor.shape))}, {}) as writer:
+        writer.write("w", tensor)
+    return Reader(path)
+
+
+def test_the_sampled_compare_finds_another_models_weights_and_reads_a_sample(tmp_path):
+    """Streaming, stage 4 compares a sample of rows (first and last among them) of each saved frozen tensor
+    with the base's: another model's weights differ in every row, and are found; the rows read stay within
+    the sample's bytes; a tensor smaller than a sample is compared whole."""
+    rows, width = 5000, 512  # 10 MB in fp32: ten times a sample's budget
+    saved = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(rows, width, generator=torch.Generator().manual_seed(1))
+    same = _stored(tmp_path, "saved", saved)
+    read = []
+    same.observe = lambda file, offset, data: read.append(len(data))
+    assert _sampled_difference(same, "w", _stored(tmp_path, "copy", saved.clone()), "w", None) is None
+    assert sum(read) <= SAMPLE_BYTES and len(read) == SAMPLED_ROWS
+    assert _sampled_difference(same, "w", _stored(tmp_path, "other", other), "w", None) > 1.0
+    for row in (0, rows - 1):  # the first and the last rows are always in the sample
+        changed = saved.clone()
+        changed[row, 3] += 0.5
+        assert _sampled_difference(same, "w", _stored(tmp_path, f"row{row}", changed), "w", None) == 0.5
+    small = torch.randn(7, 4)
+    changed = small.clone()
+    changed[3, 2] = 9.0  # a row no sample of a large tensor would pick: a small one is compared whole
+    assert _sampled_difference(_stored(tmp_path, "s", small), "w", _stored(tmp_path, "s2", changed), "w", None)
+    grown = torch.cat([saved, torch.randn(10, width)])  # a vocabulary grown for training: base rows only
+    assert _sampled_difference(_stored(tmp_path, "g", grown), "w", _stored(tmp_path, "b", saved), "w", rows) is None

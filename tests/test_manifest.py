@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from zero2merged.manifest import Manifest, fingerprint, write_text_atomic
+import torch
+from safetensors.torch import load_file
+
+from zero2merged import safetensors_io
+from zero2merged.manifest import FileHashes, Manifest, fingerprint, write_text_atomic
+from zero2merged.safetensors_io import Writer
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -49,3 +55,25 @@ def test_damaged_manifest_means_redo_everything(tmp_path):
 def test_atomic_write_leaves_only_the_file(tmp_path):
     write_text_atomic(tmp_path / "x.json", json.dumps({"a": 1}))
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_file_hashed_as_it_is_written_hashes_like_the_finished_file(tmp_path, monkeypatch):
+    """Tensors written out of order, the file handed on a finished beginning at a time (small steps here):
+    the pieces hashed in the background make the sha256 of the whole file, and the prefixes only grow."""
+    monkeypatch.setattr(safetensors_io, "PREFIX_STEP", 1000)
+    path = tmp_path / "shard.safetensors"
+    tensors = {f"t{i}": torch.randn(40 + i, 9) for i in range(12)}
+    specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
+    with FileHashes() as hashes:
+        writer = Writer(path, specs, {"format": "pt"}, sync=False)
+        flushing, prefixes = hashes.flush_as_written(path), []
+        writer.on_prefix = lambda n: (prefixes.append(n), flushing.upto(n))
+        for name in [*sorted(tensors)[6:], *sorted(tensors)[:6]]:  # the file's second half first
+            half = tensors[name].shape[0] // 2
+            writer.write(name, tensors[name][:half])
+            writer.write(name, tensors[name][half:], half * 9 * 4)
+        writer.close()
+        flushing.done().result()
+        assert hashes.sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert prefixes == sorted(prefixes) and len(prefixes) > 2 and prefixes[-1] == path.stat().st_size
+    assert load_file(path).keys() == tensors.keys()
