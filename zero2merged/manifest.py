@@ -93,7 +93,7 @@ class Flushing:
     """
 
     def __init__(self, hashes: FileHashes, path: Path, hashing: bool):
-        self.hashes, self.path, self.hashing = hashes, path, hashing
+        self.hashes = hashes
         self.fd = os.open(path, os.O_RDONLY)
         self.digest = hashlib.sha256() if hashing else None
         self.at = 0  # bytes handed on so far
@@ -147,7 +147,7 @@ def _key(stat: os.stat_result) -> tuple:
 
 def _sha256_fd(fd: int, chunk: int = 1 << 22, *, begin: int = 0, end: int | None = None, digest=None) -> str:
     """The sha256 of a file's bytes ``[begin, end)`` (to its end by default), continuing ``digest`` if given."""
-    digest, buffer, at = digest or hashlib.sha256(), bytearray(chunk), begin
+    digest, buffer, at = hashlib.sha256() if digest is None else digest, bytearray(chunk), begin
     view = memoryview(buffer)
     while end is None or at < end:
         got = os.preadv(fd, [view if end is None else view[: min(chunk, end - at)]], at)
