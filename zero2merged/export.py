@@ -20,7 +20,7 @@ from zero2merged.options import Source
 from zero2merged.parity import MERGE_TOLERANCE, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, Parity, RebuildResult
 from zero2merged.serving import carry_tokenizer
-from zero2merged.stages.inspect import inspect_checkpoint
+from zero2merged.stages.inspect import inspect_checkpoint, refuse_quantized
 from zero2merged.stages.rebuild import resize_to_checkpoint
 from zero2merged.stages.save import check_output_free, partial_path
 from zero2merged.verification import unmerged_model
@@ -62,6 +62,7 @@ def _export(source: Source, output: Path) -> ExportReport:
     check_output_free(output)
     with source.pickle_policy():
         info = inspect_checkpoint(source)
+        refuse_quantized(info)
         model, rebuilt = unmerged_model(info)
     staged = fresh_dir(partial_path(output))
     try:

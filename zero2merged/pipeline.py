@@ -30,7 +30,7 @@ from zero2merged.report import ConvertReport
 from zero2merged.runner import Runner
 from zero2merged.runtime import sparing_the_collector
 from zero2merged.stages.consolidate import Consolidate
-from zero2merged.stages.inspect import Inspect, Location, resolve_tag
+from zero2merged.stages.inspect import Inspect, Location, refuse_quantized, resolve_tag
 from zero2merged.stages.load import Load
 from zero2merged.stages.merge import Merge, OutputForm
 from zero2merged.stages.rebuild import Rebuild
@@ -96,6 +96,7 @@ def _stages(
     """The stages of one conversion, in order."""
     work, streaming = runner.work_dir, options.streaming
     info = runner.run(Inspect(source, where))
+    refuse_quantized(info)
     dtype = base_dtype(base_config(info.base_model)) if options.dtype == "auto" else options.dtype
     runner.run(Consolidate(info, work / names.CONSOLIDATED, options.tuning))
     rebuild = Rebuild(info, streaming=streaming)

@@ -75,6 +75,9 @@ class ZeroLayout(Record):
         shared: Alias name -> name of the param it shares storage with.
         model_files: Model-state files, by rank.
         optim_files: Optimizer-state files, by rank.
+        quantized: A QLoRA run's base weights saved in 4-bit by bitsandbytes: name -> their quant state
+            (``quant_type``, ``blocksize``, ``dtype`` they dequantize to, ``shape``, ``storage`` dtype of the
+            packed bytes); the saved "weight" is then packed 4-bit data, not a weight.
     """
 
     zero_stage: int
@@ -89,6 +92,7 @@ class ZeroLayout(Record):
     shared: dict[str, str] = field(default_factory=dict)
     model_files: list[str] = field(default_factory=list)
     optim_files: list[str] = field(default_factory=list)
+    quantized: dict[str, dict] = field(default_factory=dict)
 
     @property
     def trainable_shapes(self) -> dict[str, list[int]]:

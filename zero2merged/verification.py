@@ -26,7 +26,7 @@ from zero2merged.parity import SAVE_TOLERANCES, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, RebuildResult
 from zero2merged.safetensors_io import Readers
 from zero2merged.stages.consolidate import consolidate
-from zero2merged.stages.inspect import inspect_checkpoint
+from zero2merged.stages.inspect import inspect_checkpoint, refuse_quantized
 from zero2merged.stages.load import load_weights, plan_sources
 from zero2merged.stages.rebuild import rebuild
 from zero2merged.zero import ZeroReader
@@ -158,6 +158,7 @@ def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratc
         run = Source(checkpoint, **source)
         with run.pickle_policy():
             info = inspect_checkpoint(run)
+            refuse_quantized(info)
             unmerged, rebuilt = unmerged_model(info) if in_memory else unmerged_from_disk(info, scratch)
         auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
     else:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import math
 import mmap
 import pickle
@@ -216,6 +217,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
     buffer_names = set(states.get(names.BUFFER_NAMES) or [])
     module = states.get(names.MODULE) or {}
     buffers = {name: _shape(t.shape) for name, t in module.items() if name in buffer_names}
+    quantized, quant_parts = _quantized(module, model_files[0])
     frozen_shapes = states.get(names.FROZEN_PARAM_SHAPES)
     if frozen_shapes:
         frozen, source = {name: _shape(s) for name, s in frozen_shapes.items()}, names.FROZEN_PARAM_FRAGMENTS
@@ -224,7 +226,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
         frozen = {
             name: _shape(t.shape)
             for name, t in module.items()
-            if name not in trainable_names and name not in buffer_names and t.numel() > 0
+            if name not in trainable_names and name not in buffer_names and name not in quant_parts and t.numel() > 0
         }
         source = names.MODULE if frozen else None
 
@@ -241,7 +243,42 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
         shared={str(a): str(b) for a, b in (states.get(names.SHARED_PARAMS) or {}).items()},
         model_files=[p.name for p in model_files],
         optim_files=[p.name for p in optim_files],
+        quantized=quantized,
     )
+
+
+# bitsandbytes saves a 4-bit weight as its packed bytes under the weight's name, and its quant state beside
+# it under these suffixes (``QuantState.as_dict(packed=True)``), the settings as JSON bytes.
+QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>[a-z0-9]+)$")
+QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _quantized(module: dict, path: Path) -> tuple[dict[str, dict], set[str]]:
+    """The weights a QLoRA run's module state holds in 4-bit, with their settings; and the names of their
+    quant-state entries (not params). Read from the small entries alone: bitsandbytes is not needed."""
+    quantized, parts = {}, set()
+    for key, tensor in module.items():
+        match = QUANT_STATE.match(key)
+        if match is None:
+            continue
+        weight = match["weight"]
+        try:
+            settings = json.loads(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the 4-bit quant state of {weight} is damaged ({e})") from e
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{path}: the 4-bit quant state of {weight} is not a JSON object")
+        packed = module.get(weight)
+        quantized[weight] = {
+            "quant_type": str(settings.get("quant_type", match["type"])),
+            "blocksize": settings.get("blocksize"),
+            "dtype": str(settings.get("dtype")),
+            "shape": list(settings.get("shape") or []),
+            "storage": str(packed.dtype).removeprefix("torch.") if packed is not None else None,
+            "nested": f"{weight}.nested_absmax" in module,
+        }
+        parts |= {key} | {f"{weight}.{part}" for part in QUANT_PARTS}
+    return quantized, parts
 
 
 def _check_one_save(tag_dir: Path, model_files: list[Path], optim_files: list[Path], states: dict) -> None:

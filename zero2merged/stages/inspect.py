@@ -324,13 +324,47 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         lora_config=lora,
         adapter_name=adapter_name,
         base_model=base,
-        features=describe(lora, keys) + base_traits,
+        features=describe(lora, keys) + base_traits + _quantization(layout),
         inferred=inferred,
         warnings=_warnings(layout, where)
         + base_warnings
         + _unused_options(source, adapter_path, lora)
         + serving_notes(folder, base),
     )
+
+
+def _quantization(layout: ZeroLayout) -> list[str]:
+    """A QLoRA run's 4-bit base, as ``inspect`` shows it."""
+    if not layout.quantized:
+        return []
+    kinds = sorted({_quant_kind(q) for q in layout.quantized.values()})
+    first = next(iter(layout.quantized))
+    return [f"QLoRA: {len(layout.quantized)} base weights saved in 4-bit ({'; '.join(kinds)}), e.g. {first}"]
+
+
+def _quant_kind(q: dict) -> str:
+    nested = ", double-quantized" if q["nested"] else ""
+    packed = f"packed in {q['storage']}" if q["storage"] else "packed data not saved"
+    packed += f", dequantized to {q['dtype']}"
+    return f"{q['quant_type']}, block size {q['blocksize']}, {packed}{nested}"
+
+
+def refuse_quantized(info: CheckpointInfo) -> None:
+    """Stop, in one line, on a QLoRA run: its saved base weights are packed 4-bit bytes, which no merge may
+    take for weights, and which model to merge into (the dequantized 4-bit weights the adapter was trained
+    against, or the original base) is not decided for the user here yet.
+
+    Raises:
+        CheckpointError: the run trained its LoRA on a 4-bit base.
+    """
+    if info.layout.quantized:
+        kinds = "; ".join(sorted({_quant_kind(q) for q in info.layout.quantized.values()}))
+        raise CheckpointError(
+            f"{info.checkpoint} is a QLoRA run: its base was trained in 4-bit ({kinds}; "
+            f"{len(info.layout.quantized)} weights saved as packed 4-bit bytes, not weights), which zero2merged "
+            "cannot convert yet (a merge must choose between the dequantized weights the adapter was trained "
+            "against and the original base); see the README's QLoRA section"
+        )
 
 
 def _unused_options(source: Source, adapter_path: str, lora: dict) -> list[str]:
