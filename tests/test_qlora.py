@@ -1,21 +1,26 @@
 """QLoRA runs (a LoRA trained on a 4-bit NF4 base with bitsandbytes), from real DeepSpeed runs on the CPU:
-found from the checkpoint's quant-state entries, shown by ``inspect``, and never taken for weights: every
-command that would merge them stops in one line (zero2merged does not convert them yet)."""
+found from the checkpoint's quant-state entries, shown by ``inspect``, merged into the 4-bit weights
+dequantized as training saw them (held to the trained 4-bit model's own outputs and to bitsandbytes +
+PEFT's maths), and never taken for weights where a path cannot dequantize them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from zero2merged import inspect_checkpoint
+from fixtures.models import save_base
+from zero2merged import convert, inspect_checkpoint, verify
 from zero2merged.cli import main
+from zero2merged.parity import SAVE_TOLERANCES, compare
 
 pytest.importorskip("bitsandbytes")  # the fixtures are trained on a 4-bit base: `pip install -e '.[dev]'` has it
 
-from fixtures.qlora import QLORA_SPECS, build_qlora, checkpoint_of  # noqa: E402
+from fixtures.qlora import QLORA_LORA, QLORA_SPECS, build_qlora, checkpoint_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +53,99 @@ def test_inspect_finds_the_4bit_base_and_its_settings(qlora, name):
     assert f"{LINEARS} base weights saved in 4-bit (nf4, block size 64, " in line
 
 
-@pytest.mark.parametrize("name", QLORA_SPECS)
-@pytest.mark.parametrize("command", ["convert", "export-adapter", "verify"])
-def test_commands_that_would_merge_packed_bytes_stop_in_one_line(qlora, tmp_path, name, command):
+ENGINE = [name for name, spec in QLORA_SPECS.items() if spec["layout"] == "engine"]
+
+
+def _logits(folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_the_merge_reproduces_the_trained_4bit_model(qlora, tmp_path, name):
+    """Merged into the 4-bit weights dequantized, the model gives what the trained model (the 4-bit base with
+    the adapter, run by the live engine in bf16) gave, within the bf16 budget of a saved model; the original
+    base alone is nowhere near (so the comparison can fail)."""
+    checkpoint, root = qlora(name), build_qlora(name)
+    report = convert(checkpoint, tmp_path / "merged")
+    assert report.stage("merge").result.layers == 6  # q, v and up in each of 2 layers, each checked
+    live = load_file(root / "live_outputs.safetensors")
+    merged = compare(_logits(tmp_path / "merged", live["input_ids"]), live["outputs"])
+    merged.check(SAVE_TOLERANCES["bf16"], "merged QLoRA model vs the trained 4-bit model")
+    bare = compare(_logits(root / "base", live["input_ids"]), live["outputs"])
+    assert bare.max_rel_diff > 10 * merged.max_rel_diff
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_every_weight_is_bitsandbytes_dequantization_plus_peft_delta(qlora, tmp_path, name):
+    """Against an independent reference: DeepSpeed's own consolidation of the masters, the packed bytes
+    gathered from the rank files by hand, bitsandbytes' dequantize_4bit, PEFT's delta in fp32. A 4-bit weight
+    no LoRA touches is its dequantization exactly; a merged one within one bf16 rounding of it plus the delta."""
+    import bitsandbytes.functional as bnb
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     checkpoint = qlora(name)
+    convert(checkpoint, tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    tag = checkpoint / (checkpoint / "latest").read_text().strip()
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(tag.glob("*model_states.pt"))]
+    scale = QLORA_LORA["lora_alpha"] / QLORA_LORA["r"]
+    quantized = inspect_checkpoint(checkpoint).layout.quantized
+    for key in quantized:
+        packed = torch.cat([s["frozen_param_fragments"][key].view(-1) for s in states]).view(-1, 1)
+        parts = {k.removeprefix(f"{key}."): v for k, v in states[0]["module"].items() if k.startswith(f"{key}.")}
+        weight = bnb.dequantize_4bit(packed, bnb.QuantState.from_dict(parts, device="cpu")).float()
+        layer = key.removesuffix(".weight").removesuffix(".base_layer")
+        a, b = masters.get(f"{layer}.lora_A.default.weight"), masters.get(f"{layer}.lora_B.default.weight")
+        expected = weight if a is None else weight + scale * (b.float() @ a.float())
+        out = merged[layer.removeprefix("base_model.model.") + ".weight"].float()
+        if a is None:
+            assert torch.equal(out, weight), key
+        else:
+            assert torch.allclose(out, expected, rtol=2**-8, atol=0), key  # one bf16 rounding (8 bits)
+            assert not torch.equal(out, weight.bfloat16().float()), key  # the delta is there
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_verify_holds_the_merged_model_to_the_trained_4bit_one(qlora, tmp_path, name):
+    checkpoint = qlora(name)
+    convert(checkpoint, tmp_path / "merged")
+    assert verify(tmp_path / "merged", checkpoint).passed  # the reference: the 4-bit weights dequantized
+    result = CliRunner().invoke(
+        main, ["verify", str(tmp_path / "merged"), "--checkpoint", str(checkpoint), "--in-memory"]
+    )
+    assert result.exit_code == 2 and "is a QLoRA run" in result.stderr and "streaming only" in result.stderr
+
+
+def test_a_base_other_than_the_one_quantized_for_training_is_refused(qlora, tmp_path):
+    """The sampled check of stage 4: the base's rows, quantized with the saved settings, must give the saved
+    4-bit bytes and scales; another base's do not."""
+    other = tmp_path / "other"
+    save_base("llama", "causal_lm", torch.bfloat16, other, {"initializer_range": 0.05})
+    result = CliRunner().invoke(
+        main, ["convert", str(qlora("qlora-z3")), "--output", str(tmp_path / "out"), "--base-model", str(other)]
+    )
+    assert result.exit_code == 2 and "differ from the base model's" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["convert", "export-adapter", "verify", "convert --in-memory"])
+def test_what_is_not_built_yet_stops_in_one_line(qlora, tmp_path, command):
+    """The Trainer's checkpoint holds no 4-bit data (it saves no frozen params); export-adapter and the
+    in-memory path would take packed bytes for weights."""
+    name = "qlora-z3" if command in ("export-adapter", "convert --in-memory") else "qlora-trainer-z3"
+    checkpoint = qlora(name)
+    verb, *flags = command.split()
     args = {
-        "convert": ["convert", str(checkpoint), "--output", str(tmp_path / "out")],
+        "convert": ["convert", str(checkpoint), "--output", str(tmp_path / "out"), *flags],
         "export-adapter": ["export-adapter", str(checkpoint), "--output", str(tmp_path / "out")],
         "verify": ["verify", str(tmp_path), "--checkpoint", str(checkpoint)],
-    }[command]
+    }[verb]
     result = CliRunner().invoke(main, args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, result.output
-    assert lines[-1].startswith("error: ") and "is a QLoRA run: its base was trained in 4-bit (nf4" in lines[-1]
+    assert lines[-1].startswith("error: ") and "is a QLoRA run" in lines[-1], lines[-1]
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 

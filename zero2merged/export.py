@@ -14,13 +14,13 @@ from typing import Any
 
 from zero2merged.basemodel import load_base
 from zero2merged.distributed import on_rank_zero
-from zero2merged.errors import VerificationError
+from zero2merged.errors import CheckpointError, VerificationError
 from zero2merged.modelfiles import files_in, fresh_dir, replace_dir
 from zero2merged.options import Source
 from zero2merged.parity import MERGE_TOLERANCE, compare_models, probe_inputs
 from zero2merged.results import CheckpointInfo, Parity, RebuildResult
 from zero2merged.serving import carry_tokenizer
-from zero2merged.stages.inspect import inspect_checkpoint, refuse_quantized
+from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
 from zero2merged.stages.save import check_output_free, partial_path
 from zero2merged.verification import unmerged_model
@@ -62,7 +62,11 @@ def _export(source: Source, output: Path) -> ExportReport:
     check_output_free(output)
     with source.pickle_policy():
         info = inspect_checkpoint(source)
-        refuse_quantized(info)
+        if info.layout.quantized:  # its model in memory would take the packed 4-bit bytes for weights
+            raise CheckpointError(
+                f"{info.checkpoint} is a QLoRA run (a LoRA on a 4-bit base): export-adapter does not handle one "
+                "yet; zero2merged convert merges it into the 4-bit weights dequantized, as training saw them"
+            )
         model, rebuilt = unmerged_model(info)
     staged = fresh_dir(partial_path(output))
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 
+from zero2merged.quantized import merged_into
 from zero2merged.results import CheckpointInfo, MergeResult, Parity, Served
 
 LIBRARIES = ("zero2merged", "deepspeed", "peft", "transformers", "torch", "safetensors")
@@ -93,6 +94,7 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
         f"DeepSpeed {layout.ds_version} |",
         f"| trained weights | the fp32 master copies ({len(layout.trainable_shapes)} tensors) |",
         f"| base model | `{info.base_model}` |",
+        *([f"| base weights | {merged_into(layout)} |"] if layout.quantized else []),
         f"| LoRA config | `{json.dumps(lora_fields, sort_keys=True)}` (from `{info.adapter_config_path}`) |",
         "| converted with | " + ", ".join(f"{name} {v}" for name, v in versions.items()) + " |",
         "",

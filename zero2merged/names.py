@@ -34,6 +34,7 @@ DS_CONFIG = "ds_config"
 MANIFEST = "manifest.json"  # stage records: fingerprints, typed results, outputs with sha256, timings
 LOCK = "lock"  # held (flock) by the run using the work directory
 CONSOLIDATED = "consolidated.safetensors"  # stage 2: every saved param (trainable in fp32, frozen by reference)
+DEQUANTIZED = "#dequantized"  # a source: stage 2's store, its 4-bit weights read dequantized (zero2merged.quantized)
 MERGED = "merged"  # stage 5: the output's files (streaming), or the merged model in fp32 (in memory)
 PROBES = "probes.safetensors"  # stage 5: probe inputs and the unmerged / merged outputs on them
 REPORT = "report.json"  # the last run's report: every stage, ran or skipped, times, metrics

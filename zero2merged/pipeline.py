@@ -96,7 +96,7 @@ def _stages(
     """The stages of one conversion, in order."""
     work, streaming = runner.work_dir, options.streaming
     info = runner.run(Inspect(source, where))
-    refuse_quantized(info)
+    refuse_quantized(info, streaming=streaming)
     dtype = base_dtype(base_config(info.base_model)) if options.dtype == "auto" else options.dtype
     runner.run(Consolidate(info, work / names.CONSOLIDATED, options.tuning))
     rebuild = Rebuild(info, streaming=streaming)

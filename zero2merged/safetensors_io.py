@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from zero2merged.errors import Zero2MergedError, first_line
+from zero2merged.names import DEQUANTIZED
 
 # safetensors' dtype names, in the order of its Rust enum: save_file lays tensors out by this order
 # (highest first), then by name.
@@ -463,5 +464,10 @@ class Readers(dict):
     """A :class:`Reader` per file path, each header read once however many tensors are read from it."""
 
     def __missing__(self, path: str) -> Reader:
+        if path.endswith(DEQUANTIZED):  # a QLoRA run's 4-bit weights, as its forward saw them
+            from zero2merged.quantized import DequantizedWeights
+
+            self[path] = reader = DequantizedWeights(Path(path.removesuffix(DEQUANTIZED)))
+            return reader
         self[path] = reader = Reader(Path(path))
         return reader

@@ -196,7 +196,7 @@ def write_shards(
 def record_check(readers: Readers, sources: dict[str, list[str]]) -> RecordCheck:
     """A CRC-32 check of the rank files' records that the consolidated store's references lead to, fed by its
     reader from now on."""
-    stores = [readers[file] for file in sorted({file for file, _ in sources.values()})]
+    stores = [getattr(readers[file], "store", readers[file]) for file in sorted({file for file, _ in sources.values()})]
     stores = [reader for reader in stores if isinstance(reader, Reader) and reader.references]
     records = RecordCheck(sorted({file for s in stores for key in s.references for file, _, _ in s.ranges(key)}))
     for reader in stores:

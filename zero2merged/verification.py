@@ -158,7 +158,7 @@ def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratc
         run = Source(checkpoint, **source)
         with run.pickle_policy():
             info = inspect_checkpoint(run)
-            refuse_quantized(info)
+            refuse_quantized(info, streaming=not in_memory)
             unmerged, rebuilt = unmerged_model(info) if in_memory else unmerged_from_disk(info, scratch)
         auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
     else:

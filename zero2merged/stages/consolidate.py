@@ -23,6 +23,7 @@ from zero2merged.errors import CheckpointError, VerificationError
 from zero2merged.manifest import replacing
 from zero2merged.options import Tuning
 from zero2merged.progress import Progress
+from zero2merged.quantized import quant_state_tensors
 from zero2merged.results import CheckpointInfo, ConsolidateResult
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader, Writer, writer_bytes
@@ -74,6 +75,8 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
     specs = reader.specs()
     referenced = reader.frozen_ranges()
     stored = {name: spec for name, spec in specs.items() if name not in referenced}
+    quant_states = quant_state_tensors(info)  # a QLoRA run's: what dequantizes its 4-bit weights
+    stored.update({name: (tensor.dtype, list(tensor.shape)) for name, tensor in quant_states.items()})
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(layout.shared, sort_keys=True)}
     sizes = {name: math.prod(shape) for name, (_, shape) in specs.items()}
     with replacing(path) as tmp, Progress("consolidate", writer_bytes(stored), len(stored)) as progress:
@@ -87,6 +90,8 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
                         "training diverged before this save; convert an earlier tag with --tag"
                     )
                 writer.write(name, piece, offset * piece.element_size())
+            for name, tensor in quant_states.items():
+                writer.write(name, tensor)
         _check_store(tmp, info, specs, writer.size)
     return ConsolidateResult(
         trainable=len(layout.trainable_shapes),

@@ -19,6 +19,7 @@ from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, r
 from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
 from zero2merged.manifest import files_stat
 from zero2merged.options import Source
+from zero2merged.quantized import merged_into, quant_kind
 from zero2merged.results import CheckpointInfo, ZeroLayout
 from zero2merged.runner import Stage
 from zero2merged.serving import notes as serving_notes
@@ -327,6 +328,7 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         features=describe(lora, keys) + base_traits + _quantization(layout),
         inferred=inferred,
         warnings=_warnings(layout, where)
+        + ([merged_into(layout)] if layout.quantized and all(q["storage"] for q in layout.quantized.values()) else [])
         + base_warnings
         + _unused_options(source, adapter_path, lora)
         + serving_notes(folder, base),
@@ -337,34 +339,34 @@ def _quantization(layout: ZeroLayout) -> list[str]:
     """A QLoRA run's 4-bit base, as ``inspect`` shows it."""
     if not layout.quantized:
         return []
-    kinds = sorted({_quant_kind(q) for q in layout.quantized.values()})
+    kinds = sorted({quant_kind(q) for q in layout.quantized.values()})
     first = next(iter(layout.quantized))
     return [f"QLoRA: {len(layout.quantized)} base weights saved in 4-bit ({'; '.join(kinds)}), e.g. {first}"]
 
 
-def _quant_kind(q: dict) -> str:
-    nested = ", double-quantized" if q["nested"] else ""
-    packed = f"packed in {q['storage']}" if q["storage"] else "packed data not saved"
-    packed += f", dequantized to {q['dtype']}"
-    return f"{q['quant_type']}, block size {q['blocksize']}, {packed}{nested}"
-
-
-def refuse_quantized(info: CheckpointInfo) -> None:
-    """Stop, in one line, on a QLoRA run: its saved base weights are packed 4-bit bytes, which no merge may
-    take for weights, and which model to merge into (the dequantized 4-bit weights the adapter was trained
-    against, or the original base) is not decided for the user here yet.
+def refuse_quantized(info: CheckpointInfo, *, streaming: bool) -> None:
+    """Stop, in one line, on a QLoRA run this path cannot convert: its saved base weights are packed 4-bit
+    bytes, which no merge may take for weights. Streaming merges into them dequantized
+    (:mod:`zero2merged.quantized`) where the checkpoint holds them.
 
     Raises:
-        CheckpointError: the run trained its LoRA on a 4-bit base.
+        CheckpointError: the run trained its LoRA on a 4-bit base, and this is the in-memory path, or the
+            checkpoint holds no 4-bit data.
     """
-    if info.layout.quantized:
-        kinds = "; ".join(sorted({_quant_kind(q) for q in info.layout.quantized.values()}))
+    quantized = info.layout.quantized
+    if not quantized:
+        return
+    found = (
+        f"{info.checkpoint} is a QLoRA run: its base was trained in 4-bit "
+        f"({'; '.join(sorted({quant_kind(q) for q in quantized.values()}))}; {len(quantized)} weights)"
+    )
+    if any(q["storage"] is None for q in quantized.values()):
         raise CheckpointError(
-            f"{info.checkpoint} is a QLoRA run: its base was trained in 4-bit ({kinds}; "
-            f"{len(info.layout.quantized)} weights saved as packed 4-bit bytes, not weights), which zero2merged "
-            "cannot convert yet (a merge must choose between the dequantized weights the adapter was trained "
-            "against and the original base); see the README's QLoRA section"
+            f"{found}, and the checkpoint holds no 4-bit data (the HF Trainer saves no frozen params): "
+            "reproducing it by quantizing the base is not built yet; see the README's QLoRA section"
         )
+    if not streaming:
+        raise CheckpointError(f"{found}: it is merged streaming only (without --in-memory)")
 
 
 def _unused_options(source: Source, adapter_path: str, lora: dict) -> list[str]:

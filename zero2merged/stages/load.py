@@ -20,7 +20,9 @@ import torch
 from zero2merged import names
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.layouts import BaseWeights, read_base
+from zero2merged.names import DEQUANTIZED
 from zero2merged.progress import Progress
+from zero2merged.quantized import DequantizedWeights, is_quant_state
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
@@ -160,10 +162,14 @@ def plan_sources(
     sources: dict[str, list[str]] = {}
     mismatched: list[tuple[str, float]] = []
     frozen = [key for key in saved.keys() if key in info.layout.frozen]
+    quantized = DequantizedWeights(consolidated) if info.layout.quantized else None
     with Progress("load: frozen vs base", sum(saved.nbytes(key) for key in frozen), len(frozen)) as progress:
         for key in saved.keys():
-            _place(state, key, saved.shape(key))
-            sources[key] = [str(consolidated), key]
+            if quantized is not None and key not in state and is_quant_state(key):
+                continue  # what dequantizes a 4-bit weight, not a param
+            in_4bit = quantized is not None and key in quantized
+            _place(state, key, quantized.shape(key) if in_4bit else saved.shape(key))
+            sources[key] = [f"{consolidated}{DEQUANTIZED}" if in_4bit else str(consolidated), key]
             if key in info.layout.frozen:
                 where = _in_base(key, rebuilt, base)
                 if where is None:
@@ -174,7 +180,10 @@ def plan_sources(
                         "--base-model is another architecture than the run trained, or its files are in a "
                         "layout transformers does not map to this class"
                     )
-                diff = _sampled_difference(saved, key, base, where[1], resized.get(key))
+                if in_4bit:
+                    diff = _sampled_4bit_difference(quantized, key, base, where[1])
+                else:
+                    diff = _sampled_difference(saved, key, base, where[1], resized.get(key))
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
@@ -250,14 +259,39 @@ def _sampled_difference(saved: Reader, key: str, base: BaseWeights, name: str, r
     elif len(shape) < 2 or limit * row_bytes <= SAMPLE_BYTES:
         chosen = [slice(0, limit)]
     else:
-        count = max(1, min(SAMPLED_ROWS, SAMPLE_BYTES // row_bytes, limit))
-        picks = sorted({round(i * (limit - 1) / max(count - 1, 1)) for i in range(count)})
-        chosen = [slice(row, row + 1) for row in picks]
+        chosen = [slice(row, row + 1) for row in _sampled_rows(limit, row_bytes)]
     worst = None
     for part in chosen:
         diff = _difference(saved.get(key, part), base.get(name, part))
         if diff is not None:
             worst = max(worst or 0.0, diff)
+    return worst
+
+
+def _sampled_rows(limit: int, row_bytes: int) -> list[int]:
+    """:data:`SAMPLED_ROWS` rows spread evenly over ``limit`` (the first and the last among them), at most
+    :data:`SAMPLE_BYTES` of them (one at least)."""
+    count = max(1, min(SAMPLED_ROWS, SAMPLE_BYTES // max(row_bytes, 1), limit))
+    return sorted({round(i * (limit - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def _sampled_4bit_difference(quantized: DequantizedWeights, key: str, base: BaseWeights, name: str) -> float | None:
+    """A QLoRA run's 4-bit weight against the base's: a sample of the base's rows, quantized with the saved
+    settings by bitsandbytes as loading the run's base did, must give the saved packed bytes and scales
+    exactly (which also checks the settings). Where they do not, how far the saved rows dequantized lie from
+    the base's. Rows that do not hold whole blocks, or double-quantized scales, are not compared."""
+    rows, columns = quantized.shape(key)[0], quantized.shape(key)[-1]
+    worst = None
+    for row in _sampled_rows(rows, columns * quantized.dtype(key).itemsize):
+        original = base.get(name, slice(row, row + 1)).to(quantized.dtype(key))
+        made = quantized.quantized_rows(key, original)
+        if made is None:
+            return None
+        packed, absmax = quantized.saved_rows(key, row, 1)
+        if _same_bits(made[0].view(-1), packed.view(-1)) and _same_bits(made[1], absmax):
+            continue
+        diff = (quantized.dequantized_rows(key, packed, absmax, original).float() - original.float()).abs().max()
+        worst = max(worst or 0.0, diff.item())
     return worst
 
 
