@@ -5,6 +5,7 @@ PEFT's maths), and never taken for weights where a path cannot dequantize them."
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,12 @@ def test_what_is_not_built_yet_stops_in_one_line(qlora, tmp_path, command):
 
 def test_a_run_on_a_full_precision_base_has_no_quantized_weights(trained):
     assert inspect_checkpoint(trained("engine-z3-bf16").checkpoint).layout.quantized == {}
+
+
+def test_without_bitsandbytes_a_qlora_run_stops_in_one_line_naming_the_extra(qlora, tmp_path, monkeypatch):
+    for module in ("bitsandbytes", "bitsandbytes.functional"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    result = CliRunner().invoke(main, ["convert", str(qlora("qlora-z3")), "--output", str(tmp_path / "out")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and "pip install 'zero2merged[qlora]'" in lines[-1], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
