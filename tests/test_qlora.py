@@ -54,16 +54,13 @@ def test_inspect_finds_the_4bit_base_and_its_settings(qlora, name):
     assert f"{LINEARS} base weights saved in 4-bit (nf4, block size 64, " in line
 
 
-ENGINE = [name for name, spec in QLORA_SPECS.items() if spec["layout"] == "engine"]
-
-
 def _logits(folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         return model(input_ids=input_ids).logits
 
 
-@pytest.mark.parametrize("name", ENGINE)
+@pytest.mark.parametrize("name", QLORA_SPECS)
 def test_the_merge_reproduces_the_trained_4bit_model(qlora, tmp_path, name):
     """Merged into the 4-bit weights dequantized, the model gives what the trained model (the 4-bit base with
     the adapter, run by the live engine in bf16) gave, within the bf16 budget of a saved model; the original
@@ -78,11 +75,13 @@ def test_the_merge_reproduces_the_trained_4bit_model(qlora, tmp_path, name):
     assert bare.max_rel_diff > 10 * merged.max_rel_diff
 
 
-@pytest.mark.parametrize("name", ENGINE)
+@pytest.mark.parametrize("name", QLORA_SPECS)
 def test_every_weight_is_bitsandbytes_dequantization_plus_peft_delta(qlora, tmp_path, name):
     """Against an independent reference: DeepSpeed's own consolidation of the masters, the packed bytes
-    gathered from the rank files by hand, bitsandbytes' dequantize_4bit, PEFT's delta in fp32. A 4-bit weight
-    no LoRA touches is its dequantization exactly; a merged one within one bf16 rounding of it plus the delta."""
+    gathered from the rank files by hand (the HF Trainer's run saved none: the base's weight quantized with
+    bitsandbytes as loading it in 4-bit does), bitsandbytes' dequantize_4bit, PEFT's delta in fp32. A 4-bit
+    weight no LoRA touches is its dequantization exactly; a merged one within one bf16 rounding of it plus
+    the delta."""
     import bitsandbytes.functional as bnb
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -94,11 +93,18 @@ def test_every_weight_is_bitsandbytes_dequantization_plus_peft_delta(qlora, tmp_
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(tag.glob("*model_states.pt"))]
     scale = QLORA_LORA["lora_alpha"] / QLORA_LORA["r"]
     quantized = inspect_checkpoint(checkpoint).layout.quantized
+    base = load_file(Path(inspect_checkpoint(checkpoint).base_model) / "model.safetensors")
     for key in quantized:
-        packed = torch.cat([s["frozen_param_fragments"][key].view(-1) for s in states]).view(-1, 1)
-        parts = {k.removeprefix(f"{key}."): v for k, v in states[0]["module"].items() if k.startswith(f"{key}.")}
-        weight = bnb.dequantize_4bit(packed, bnb.QuantState.from_dict(parts, device="cpu")).float()
         layer = key.removesuffix(".weight").removesuffix(".base_layer")
+        if key in (states[0].get("frozen_param_fragments") or {}):
+            packed = torch.cat([s["frozen_param_fragments"][key].view(-1) for s in states]).view(-1, 1)
+            parts = {k.removeprefix(f"{key}."): v for k, v in states[0]["module"].items() if k.startswith(f"{key}.")}
+            state = bnb.QuantState.from_dict(parts, device="cpu")
+        else:
+            original = base[layer.removeprefix("base_model.model.") + ".weight"]
+            packed, state = bnb.quantize_4bit(original, blocksize=64, quant_type="nf4")
+            assert torch.equal(state.absmax, states[0]["module"][f"{key}.absmax"])  # as the run quantized it
+        weight = bnb.dequantize_4bit(packed, state).float()
         a, b = masters.get(f"{layer}.lora_A.default.weight"), masters.get(f"{layer}.lora_B.default.weight")
         expected = weight if a is None else weight + scale * (b.float() @ a.float())
         out = merged[layer.removeprefix("base_model.model.") + ".weight"].float()
@@ -109,7 +115,7 @@ def test_every_weight_is_bitsandbytes_dequantization_plus_peft_delta(qlora, tmp_
             assert not torch.equal(out, weight.bfloat16().float()), key  # the delta is there
 
 
-@pytest.mark.parametrize("name", ENGINE)
+@pytest.mark.parametrize("name", QLORA_SPECS)
 def test_verify_holds_the_merged_model_to_the_trained_4bit_one(qlora, tmp_path, name):
     checkpoint = qlora(name)
     convert(checkpoint, tmp_path / "merged")
@@ -120,29 +126,27 @@ def test_verify_holds_the_merged_model_to_the_trained_4bit_one(qlora, tmp_path, 
     assert result.exit_code == 2 and "is a QLoRA run" in result.stderr and "streaming only" in result.stderr
 
 
-def test_a_base_other_than_the_one_quantized_for_training_is_refused(qlora, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("qlora-z3", "differ from the base model's"), ("qlora-trainer-z3", "does not give the scales the checkpoint")],
+)
+def test_a_base_other_than_the_one_quantized_for_training_is_refused(qlora, tmp_path, name, says):
     """The sampled check of stage 4: the base's rows, quantized with the saved settings, must give the saved
-    4-bit bytes and scales; another base's do not."""
+    4-bit bytes and scales (the HF Trainer's run saved the scales alone); another base's do not."""
     other = tmp_path / "other"
     save_base("llama", "causal_lm", torch.bfloat16, other, {"initializer_range": 0.05})
-    result = CliRunner().invoke(
-        main, ["convert", str(qlora("qlora-z3")), "--output", str(tmp_path / "out"), "--base-model", str(other)]
-    )
-    assert result.exit_code == 2 and "differ from the base model's" in result.stderr.strip().splitlines()[-1]
+    args = ["convert", str(qlora(name)), "--output", str(tmp_path / "out"), "--base-model", str(other)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and says in result.stderr.strip().splitlines()[-1], result.output
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["convert", "export-adapter", "verify", "convert --in-memory"])
+@pytest.mark.parametrize("command", ["export-adapter", "convert --in-memory"])
 def test_what_is_not_built_yet_stops_in_one_line(qlora, tmp_path, command):
-    """The Trainer's checkpoint holds no 4-bit data (it saves no frozen params); export-adapter and the
-    in-memory path would take packed bytes for weights."""
-    name = "qlora-z3" if command in ("export-adapter", "convert --in-memory") else "qlora-trainer-z3"
-    checkpoint = qlora(name)
+    """export-adapter and the in-memory path would take packed bytes for weights."""
+    checkpoint = qlora("qlora-z3")
     verb, *flags = command.split()
-    args = {
-        "convert": ["convert", str(checkpoint), "--output", str(tmp_path / "out"), *flags],
-        "export-adapter": ["export-adapter", str(checkpoint), "--output", str(tmp_path / "out")],
-        "verify": ["verify", str(tmp_path), "--checkpoint", str(checkpoint)],
-    }[verb]
+    args = [verb, str(checkpoint), "--output", str(tmp_path / "out"), *flags]
     result = CliRunner().invoke(main, args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, result.output

@@ -314,7 +314,7 @@ def read_base(model: Any, rebuilt: RebuildResult) -> BaseWeights:
     from zero2merged.basemodel import base_dir
 
     names = [name for base_names in rebuilt.base_keys.values() for name in base_names]
-    return BaseWeights(base_dir(rebuilt.base_model), Layout(model.get_base_model(), names))
+    return BaseWeights(base_dir(rebuilt.base_model), Layout(model.get_base_model(), names), in_4bit=rebuilt.in_4bit)
 
 
 class BaseWeights:
@@ -327,9 +327,11 @@ class BaseWeights:
     Args:
         folder: The base model's folder (the weight files ``from_pretrained`` would read are read).
         layout: The model's :class:`Layout` (reading marks the transforms the files use).
+        in_4bit: Names of weights a QLoRA run trained in 4-bit -> their settings: each is read as loading
+            the base in 4-bit made it, quantized and dequantized (:func:`~zero2merged.quantized.as_trained`).
     """
 
-    def __init__(self, folder: Path, layout: Layout):
+    def __init__(self, folder: Path, layout: Layout, *, in_4bit: dict[str, dict] | None = None):
         from zero2merged.basemodel import weight_files
         from zero2merged.pickled import PickledWeights
 
@@ -343,6 +345,8 @@ class BaseWeights:
         }
         self.groups = layout.loading(metas)
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # one group, converted whole
+        self.in_4bit = in_4bit or {}
+        self._last_4bit: tuple[str, torch.Tensor] | None = None  # one weight, as a 4-bit run had it
 
     def keys(self) -> list[str]:
         return list(self.groups)
@@ -351,6 +355,8 @@ class BaseWeights:
         return name in self.groups
 
     def dtype(self, name: str) -> torch.dtype:
+        if name in self.in_4bit:
+            return getattr(torch, str(self.in_4bit[name]["dtype"]).removeprefix("torch."))
         return self.groups[name].targets[name].dtype
 
     def shape(self, name: str) -> list[int]:
@@ -361,14 +367,25 @@ class BaseWeights:
         return meta.numel() * meta.element_size()
 
     def ranges(self, name: str) -> Ranges | None:
-        """Where a tensor stored as it is lies in its file (None for a converted one)."""
+        """Where a tensor stored as it is lies in its file (None for a converted one, or one made 4-bit)."""
         group = self.groups[name]
-        if group.transform is not None:
+        if group.transform is not None or name in self.in_4bit:
             return None
         return self.readers[self.file_of[group.sources[0]]].ranges(group.sources[0])
 
     def get(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor (or its ``rows``, along dimension 0: experts, for fused ones)."""
+        if name in self.in_4bit:
+            if self._last_4bit is None or self._last_4bit[0] != name:
+                from zero2merged.quantized import as_trained
+
+                self._last_4bit = None
+                self._last_4bit = name, as_trained(self.stored(name), self.in_4bit[name], name)
+            return self._last_4bit[1] if rows is None else self._last_4bit[1][rows]
+        return self.stored(name, rows, into)
+
+    def stored(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`get`, of the weight as the base's files hold it (not made 4-bit)."""
         group = self.groups[name]
         if group.transform is None:
             source = group.sources[0]
@@ -388,7 +405,7 @@ class BaseWeights:
     def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES, into: torch.Tensor | None = None):
         """``(first row, rows)`` pieces of about ``chunk_bytes`` (a 1-D tensor comes whole)."""
         group = self.groups[name]
-        if group.transform is None:
+        if group.transform is None and name not in self.in_4bit:
             source = group.sources[0]
             yield from self.readers[self.file_of[source]].chunks(source, chunk_bytes, into)
             return

@@ -55,6 +55,42 @@ def bitsandbytes():
     return functional
 
 
+def as_trained(weight: torch.Tensor, settings: dict, name: str) -> torch.Tensor:
+    """A base weight as a QLoRA run whose checkpoint holds no 4-bit data computed with it: quantized with
+    the run's settings by bitsandbytes, as loading the base in 4-bit did (bit for bit on the CPU), and
+    dequantized as its forward did."""
+    functional = bitsandbytes()
+    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    packed, state = functional.quantize_4bit(
+        weight.to(dtype).contiguous(), blocksize=settings["blocksize"], quant_type=settings["quant_type"],
+        compress_statistics=bool(settings["nested"]),
+    )  # fmt: skip
+    made = functional.dequantize_4bit(packed, state)
+    if list(made.shape) != list(settings["shape"]):
+        raise CheckpointError(
+            f"{name}: the base's weight is {list(made.shape)}, the run's 4-bit one {settings['shape']}"
+        )
+    return made
+
+
+def quantize_rows(rows: torch.Tensor, settings: dict, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Whole rows of a weight (its values there, as the base holds them, in the run's dtype) quantized with
+    a run's settings: ``(packed bytes, absmax)``, to compare with the saved ones; None where a row does not
+    hold whole blocks, or double quantization hides the absmax."""
+    if rows.shape[-1] % settings["blocksize"] or settings["nested"]:
+        return None
+    packed, state = bitsandbytes().quantize_4bit(
+        rows.contiguous(), blocksize=settings["blocksize"], quant_type=settings["quant_type"], quant_storage=storage
+    )
+    return packed, state.absmax
+
+
+def saved_absmax(store: Reader, name: str, settings: dict, first: int, count: int) -> torch.Tensor:
+    """The saved scales of a 4-bit weight's rows ``[first, first + count)`` (whole blocks)."""
+    blocks = settings["shape"][-1] // settings["blocksize"]
+    return store.get(f"{name}.absmax", slice(first * blocks, (first + count) * blocks))
+
+
 def quant_state_tensors(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """The quant-state entries of the run's 4-bit weights (each rank's model-state file holds them whole)."""
     from zero2merged.zero import load_pt
@@ -138,22 +174,6 @@ class DequantizedWeights(RowChunks):
             )
         return weight
 
-    def quantized_rows(self, name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Whole rows of a weight (``rows``: its values there, as the base holds them) quantized with this
-        weight's settings: ``(packed bytes, absmax)``, to compare with the saved ones; None where a row does
-        not hold whole blocks (or double quantization hides the absmax)."""
-        settings, functional = self.settings[name], bitsandbytes()
-        blocksize = settings["blocksize"]
-        if rows.shape[-1] % blocksize or f"{name}.nested_absmax" in self.store.keys():
-            return None
-        packed, state = functional.quantize_4bit(
-            rows.contiguous(),
-            blocksize=blocksize,
-            quant_type=settings["quant_type"],
-            quant_storage=self.store.dtype(name),
-        )
-        return packed, state.absmax
-
     def dequantized_rows(
         self, name: str, packed: torch.Tensor, absmax: torch.Tensor, like: torch.Tensor
     ) -> torch.Tensor:
@@ -170,12 +190,9 @@ class DequantizedWeights(RowChunks):
     def saved_rows(self, name: str, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The saved packed bytes and absmax of the weight's rows ``[first, first + count)`` (whole blocks),
         read alone: two 4-bit values a byte, packed into elements of the storage dtype."""
-        columns, blocksize = self.shape(name)[-1], self.settings[name]["blocksize"]
-        per_row = columns // 2 // self.store.dtype(name).itemsize  # storage elements of one weight row
+        per_row = self.shape(name)[-1] // 2 // self.store.dtype(name).itemsize  # storage elements of one row
         packed = self.store.get(name, slice(first * per_row, (first + count) * per_row))
-        blocks = columns // blocksize
-        absmax = self.store.get(f"{name}.absmax", slice(first * blocks, (first + count) * blocks))
-        return packed, absmax
+        return packed, saved_absmax(self.store, name, self.settings[name], first, count)
 
 
 def is_quant_state(key: str) -> bool:

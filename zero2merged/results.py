@@ -217,6 +217,9 @@ class RebuildResult(StageResult):
         lora: The LoRA config's main fields, for the report.
         resized_vocab: When the vocabulary was resized to the checkpoint's before wrapping.
         base_keys: Wrapper key -> the base's own names for that tensor (several when tied).
+        in_4bit: A QLoRA run whose checkpoint holds no 4-bit data (the HF Trainer's): the base's names of
+            the weights it trained in 4-bit -> their settings; read from the base, each is quantized and
+            dequantized as loading the base in 4-bit did (:mod:`zero2merged.quantized`).
     """
 
     auto_class: str
@@ -227,9 +230,10 @@ class RebuildResult(StageResult):
     lora: dict
     resized_vocab: ResizedVocab | None
     base_keys: dict[str, list[str]] = field(default_factory=dict)
+    in_4bit: dict[str, dict] = field(default_factory=dict)
 
     def metrics(self) -> dict:
-        return {key: value for key, value in self.to_dict().items() if key != "base_keys"}
+        return {key: value for key, value in self.to_dict().items() if key not in ("base_keys", "in_4bit")}
 
     def headline(self) -> str:
         return f"{self.model_class} wrapped by {self.peft_class}"

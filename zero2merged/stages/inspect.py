@@ -328,7 +328,7 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         features=describe(lora, keys) + base_traits + _quantization(layout),
         inferred=inferred,
         warnings=_warnings(layout, where)
-        + ([merged_into(layout)] if layout.quantized and all(q["storage"] for q in layout.quantized.values()) else [])
+        + ([merged_into(layout)] if layout.quantized else [])
         + base_warnings
         + _unused_options(source, adapter_path, lora)
         + serving_notes(folder, base),
@@ -345,13 +345,12 @@ def _quantization(layout: ZeroLayout) -> list[str]:
 
 
 def refuse_quantized(info: CheckpointInfo, *, streaming: bool) -> None:
-    """Stop, in one line, on a QLoRA run this path cannot convert: its saved base weights are packed 4-bit
-    bytes, which no merge may take for weights. Streaming merges into them dequantized
-    (:mod:`zero2merged.quantized`) where the checkpoint holds them.
+    """Stop, in one line, on a QLoRA run on the in-memory path: its saved base weights are packed 4-bit
+    bytes, which no merge may take for weights; streaming merges into them dequantized
+    (:mod:`zero2merged.quantized`).
 
     Raises:
-        CheckpointError: the run trained its LoRA on a 4-bit base, and this is the in-memory path, or the
-            checkpoint holds no 4-bit data.
+        CheckpointError: the run trained its LoRA on a 4-bit base, and this is the in-memory path.
     """
     quantized = info.layout.quantized
     if not quantized:
@@ -360,11 +359,6 @@ def refuse_quantized(info: CheckpointInfo, *, streaming: bool) -> None:
         f"{info.checkpoint} is a QLoRA run: its base was trained in 4-bit "
         f"({'; '.join(sorted({quant_kind(q) for q in quantized.values()}))}; {len(quantized)} weights)"
     )
-    if any(q["storage"] is None for q in quantized.values()):
-        raise CheckpointError(
-            f"{found}, and the checkpoint holds no 4-bit data (the HF Trainer saves no frozen params): "
-            "reproducing it by quantizing the base is not built yet; see the README's QLoRA section"
-        )
     if not streaming:
         raise CheckpointError(f"{found}: it is merged streaming only (without --in-memory)")
 

@@ -22,7 +22,7 @@ from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.layouts import BaseWeights, read_base
 from zero2merged.names import DEQUANTIZED
 from zero2merged.progress import Progress
-from zero2merged.quantized import DequantizedWeights, is_quant_state
+from zero2merged.quantized import DequantizedWeights, is_quant_state, quantize_rows, saved_absmax
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
@@ -181,7 +181,7 @@ def plan_sources(
                         "layout transformers does not map to this class"
                     )
                 if in_4bit:
-                    diff = _sampled_4bit_difference(quantized, key, base, where[1])
+                    diff = _sampled_4bit_difference(quantized, key, info.layout.quantized[key], base, where[1])
                 else:
                     diff = _sampled_difference(saved, key, base, where[1], resized.get(key))
                 if diff is not None:
@@ -207,6 +207,15 @@ def plan_sources(
                 "is damaged, or another architecture than the run trained"
             )
         sources[key] = where
+        settings = info.layout.quantized.get(key)
+        if settings is not None:  # trained in 4-bit, no 4-bit data saved: the base quantized as the run did
+            diff = _sampled_4bit_scales(saved, key, settings, base, where[1])
+            if diff is not None and not ignore_base_mismatch:
+                raise BaseModelError(
+                    f"the base's {where[1]}, quantized in 4-bit with the run's settings "
+                    f"({settings['quant_type']}, block size {settings['blocksize']}), does not give the scales the "
+                    f"checkpoint saved (max abs diff {diff:.3g}): --base-model is not the base this QLoRA run loaded"
+                )
     accounting.sources = sources
     return accounting
 
@@ -275,7 +284,9 @@ def _sampled_rows(limit: int, row_bytes: int) -> list[int]:
     return sorted({round(i * (limit - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def _sampled_4bit_difference(quantized: DequantizedWeights, key: str, base: BaseWeights, name: str) -> float | None:
+def _sampled_4bit_difference(
+    quantized: DequantizedWeights, key: str, settings: dict, base: BaseWeights, name: str
+) -> float | None:
     """A QLoRA run's 4-bit weight against the base's: a sample of the base's rows, quantized with the saved
     settings by bitsandbytes as loading the run's base did, must give the saved packed bytes and scales
     exactly (which also checks the settings). Where they do not, how far the saved rows dequantized lie from
@@ -284,7 +295,7 @@ def _sampled_4bit_difference(quantized: DequantizedWeights, key: str, base: Base
     worst = None
     for row in _sampled_rows(rows, columns * quantized.dtype(key).itemsize):
         original = base.get(name, slice(row, row + 1)).to(quantized.dtype(key))
-        made = quantized.quantized_rows(key, original)
+        made = quantize_rows(original, settings, quantized.store.dtype(key))
         if made is None:
             return None
         packed, absmax = quantized.saved_rows(key, row, 1)
@@ -292,6 +303,24 @@ def _sampled_4bit_difference(quantized: DequantizedWeights, key: str, base: Base
             continue
         diff = (quantized.dequantized_rows(key, packed, absmax, original).float() - original.float()).abs().max()
         worst = max(worst or 0.0, diff.item())
+    return worst
+
+
+def _sampled_4bit_scales(store: Reader, key: str, settings: dict, base: BaseWeights, name: str) -> float | None:
+    """A QLoRA run whose checkpoint holds no 4-bit data (the HF Trainer's) still holds each 4-bit weight's
+    scales: a sample of the base's rows, quantized with the saved settings, must give them exactly (the base
+    is the one the run quantized, and quantizing it again reproduces the run's weights). Where not, the
+    largest difference of the scales."""
+    rows, columns = settings["shape"][0], settings["shape"][-1]
+    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    worst = None
+    for row in _sampled_rows(rows, columns * dtype.itemsize):
+        made = quantize_rows(base.stored(name, slice(row, row + 1)).to(dtype), settings, torch.uint8)
+        if made is None:
+            return None
+        saved = saved_absmax(store, key, settings, row, 1)
+        if not _same_bits(made[1], saved):
+            worst = max(worst or 0.0, (made[1] - saved).abs().max().item())
     return worst
 
 

@@ -139,6 +139,12 @@ def rebuild(info: CheckpointInfo, *, on_meta: bool = False, real_buffers: bool =
         },
         resized_vocab=resized,
         base_keys=base_keys,
+        in_4bit={
+            name: settings
+            for key, settings in info.layout.quantized.items()
+            if settings["storage"] is None
+            for name in base_keys.get(key, [])
+        },
     )
 
 
