@@ -165,3 +165,14 @@ def test_without_bitsandbytes_a_qlora_run_stops_in_one_line_naming_the_extra(qlo
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "pip install 'zero2merged[qlora]'" in lines[-1], result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["qlora-z3", "qlora-trainer-z3"])
+def test_helper_processes_write_the_same_bytes(qlora, tmp_path, name):
+    """Each helper reads (or makes) its share's 4-bit weights itself: the files are the same."""
+    one = convert(qlora(name), tmp_path / "one", max_shard_size="60KB")
+    two = convert(qlora(name), tmp_path / "two", max_shard_size="60KB", workers=2)
+    assert two.stage("merge").result.processes == 2 and one.stage("merge").result.files > 2
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
