@@ -5,6 +5,7 @@ PEFT's maths), and never taken for weights where a path cannot dequantize them."
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -176,3 +177,18 @@ def test_helper_processes_write_the_same_bytes(qlora, tmp_path, name):
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+def test_a_damaged_quant_state_is_one_line(qlora, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(qlora("qlora-z3"), run)
+    tag = run / (run / "latest").read_text().strip()
+    for path in tag.glob("*model_states.pt"):  # the test's own torch.save: a loadable file of other content
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        key = next(k for k in state["module"] if ".quant_state." in k)
+        state["module"][key] = torch.tensor(list(b'{"quant_type": "nf4"}'), dtype=torch.uint8)
+        torch.save(state, path)
+    result = CliRunner().invoke(main, ["inspect", str(run)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and "the 4-bit quant state of" in lines[-1] and "is damaged" in lines[-1]
+    assert "Traceback" not in result.output

@@ -23,8 +23,9 @@ class DiskWeights(Mapping):
     """A model's tensors by its own names, read from files when asked for (floating point as fp32).
 
     Args:
-        where: name -> ``(reader, name in it)``; a reader is anything with ``get(name)`` (a safetensors
-            :class:`~zero2merged.safetensors_io.Reader`, a :class:`~zero2merged.layouts.BaseWeights`).
+        where: name -> ``(reader, name in it)``; a reader reads like a safetensors
+            :class:`~zero2merged.safetensors_io.Reader` (``dtype``, ``shape``, ``get``, ``chunks``): one, a
+            :class:`~zero2merged.layouts.BaseWeights`, a :class:`~zero2merged.quantized.DequantizedWeights`.
     """
 
     def __init__(self, where: dict[str, tuple[Any, str]]):

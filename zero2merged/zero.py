@@ -253,6 +253,23 @@ QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>
 QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def _valid_quant_state(settings) -> bool:
+    """Whether bitsandbytes' JSON of a 4-bit weight's settings holds what dequantizing it needs."""
+    if not isinstance(settings, dict):
+        return False
+    dtype = getattr(torch, str(settings.get("dtype")).removeprefix("torch."), None)
+    blocksize, shape = settings.get("blocksize"), settings.get("shape")
+    return (
+        isinstance(settings.get("quant_type"), str)
+        and isinstance(blocksize, int)
+        and blocksize > 0
+        and isinstance(dtype, torch.dtype)
+        and dtype.is_floating_point
+        and isinstance(shape, list)
+        and all(isinstance(n, int) and n > 0 for n in shape)
+    )
+
+
 def _quantized(module: dict, path: Path) -> tuple[dict[str, dict], set[str]]:
     """The weights a QLoRA run's module state holds in 4-bit, with their settings; and the names of their
     quant-state entries (not params). Read from the small entries alone: bitsandbytes is not needed."""
@@ -266,8 +283,11 @@ def _quantized(module: dict, path: Path) -> tuple[dict[str, dict], set[str]]:
             settings = json.loads(tensor.contiguous().view(torch.uint8).numpy().tobytes())
         except (ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{path}: the 4-bit quant state of {weight} is damaged ({e})") from e
-        if not isinstance(settings, dict):
-            raise CheckpointError(f"{path}: the 4-bit quant state of {weight} is not a JSON object")
+        if not _valid_quant_state(settings):
+            raise CheckpointError(
+                f"{path}: the 4-bit quant state of {weight} is damaged (a quant type, block size, floating "
+                f"dtype and shape are needed; it holds {str(settings)[:200]})"
+            )
         packed = module.get(weight)
         quantized[weight] = {
             "quant_type": str(settings.get("quant_type", match["type"])),
