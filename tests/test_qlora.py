@@ -192,3 +192,43 @@ def test_a_damaged_quant_state_is_one_line(qlora, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "the 4-bit quant state of" in lines[-1] and "is damaged" in lines[-1]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["qlora-z3", "qlora-trainer-z3"])
+def test_merge_into_base_is_peft_merge_on_the_original_base_and_says_how_far_it_is(qlora, tmp_path, name):
+    """--merge-into base: the original base's weights plus PEFT's delta from DeepSpeed's own consolidation
+    (within one bf16 rounding), the 4-bit weights no LoRA touches exactly the base's; the report says what it
+    was merged into and how far the base lies from the dequantized weights, and the trained model is further
+    from it than from the default merge (verify measures it against the trained model)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = qlora(name)
+    report = convert(checkpoint, tmp_path / "base-merged", merge_into="base")
+    qlora_record = report.stage("merge").result.qlora
+    assert qlora_record["merged_into"] == "base" and qlora_record["max_rel_diff"] > 0.01  # NF4: a few % of a weight
+    assert "merged into the original base" in report.summary()
+    assert "merged into the original base" in (tmp_path / "base-merged" / "README.md").read_text()
+    merged = load_file(tmp_path / "base-merged" / "model.safetensors")
+    base = load_file(Path(inspect_checkpoint(checkpoint).base_model) / "model.safetensors")
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    scale = QLORA_LORA["lora_alpha"] / QLORA_LORA["r"]
+    for key in inspect_checkpoint(checkpoint).layout.quantized:
+        layer = key.removesuffix(".weight").removesuffix(".base_layer")
+        name_in_files = layer.removeprefix("base_model.model.") + ".weight"
+        a, b = masters.get(f"{layer}.lora_A.default.weight"), masters.get(f"{layer}.lora_B.default.weight")
+        if a is None:
+            assert torch.equal(merged[name_in_files], base[name_in_files]), key
+        else:
+            expected = base[name_in_files].float() + scale * (b.float() @ a.float())
+            assert torch.allclose(merged[name_in_files].float(), expected, rtol=2**-8, atol=0), key
+    convert(checkpoint, tmp_path / "trained")
+    as_trained, as_base = verify(tmp_path / "trained", checkpoint), verify(tmp_path / "base-merged", checkpoint)
+    assert as_base.parity["max_rel_diff"] > 2 * as_trained.parity["max_rel_diff"]
+
+
+def test_merge_into_base_on_a_full_precision_run_is_one_line(trained, tmp_path):
+    args = ["convert", str(trained("engine-z3-bf16").checkpoint), "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--merge-into", "base"])
+    assert (
+        result.exit_code == 2 and "--merge-into base applies to a QLoRA run" in result.stderr.strip().splitlines()[-1]
+    )

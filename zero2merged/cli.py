@@ -17,7 +17,7 @@ import sys
 import click
 
 from zero2merged.errors import VerificationError, Zero2MergedError
-from zero2merged.options import OUTPUT_DTYPES
+from zero2merged.options import MERGE_INTO, OUTPUT_DTYPES
 
 # -q, -v and --debug: one definition, taken before the command (``zero2merged -q convert …``) and after it
 # (``zero2merged convert … -q``), as people type them. Each only notes that it was given, in the root
@@ -211,6 +211,14 @@ def source_options(command):
     default="cpu",
     show_default=True,
     help="Where each layer is merged and checked when streaming: cpu, or cuda[:N] on a GPU machine.",
+)
+@click.option(
+    "--merge-into",
+    type=click.Choice(MERGE_INTO),
+    default="dequantized",
+    show_default=True,
+    help="A QLoRA run: merge into its 4-bit weights dequantized (the model that was trained), or into the "
+    "original base (a model a little different; the report says by how much).",
 )
 @json_option
 def convert(checkpoint, output, as_json, **options) -> None:

@@ -354,6 +354,12 @@ class BaseWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.groups
 
+    def original(self) -> BaseWeights:
+        """The same files read as they are stored, none made 4-bit (a QLoRA run merged into its base)."""
+        plain = copy.copy(self)
+        plain.in_4bit, plain._last_4bit = {}, None
+        return plain
+
     def dtype(self, name: str) -> torch.dtype:
         if name in self.in_4bit:
             return getattr(torch, str(self.in_4bit[name]["dtype"]).removeprefix("torch."))

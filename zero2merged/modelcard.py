@@ -94,7 +94,7 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
         f"DeepSpeed {layout.ds_version} |",
         f"| trained weights | the fp32 master copies ({len(layout.trainable_shapes)} tensors) |",
         f"| base model | `{info.base_model}` |",
-        *([f"| base weights | {merged_into(layout)} |"] if layout.quantized else []),
+        *([f"| base weights | {merged_into(merged.qlora)} |"] if merged.qlora else []),
         f"| LoRA config | `{json.dumps(lora_fields, sort_keys=True)}` (from `{info.adapter_config_path}`) |",
         "| converted with | " + ", ".join(f"{name} {v}" for name, v in versions.items()) + " |",
         "",

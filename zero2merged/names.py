@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"  # stage records: fingerprints, typed results, output
 LOCK = "lock"  # held (flock) by the run using the work directory
 CONSOLIDATED = "consolidated.safetensors"  # stage 2: every saved param (trainable in fp32, frozen by reference)
 DEQUANTIZED = "#dequantized"  # a source: stage 2's store, its 4-bit weights read dequantized (zero2merged.quantized)
+ORIGINAL = "#original"  # a source: the base's folder, its weights as stored (not made 4-bit, for a QLoRA run)
 MERGED = "merged"  # stage 5: the output's files (streaming), or the merged model in fp32 (in memory)
 PROBES = "probes.safetensors"  # stage 5: probe inputs and the unmerged / merged outputs on them
 REPORT = "report.json"  # the last run's report: every stage, ran or skipped, times, metrics

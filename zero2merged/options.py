@@ -107,6 +107,9 @@ class Tuning:
             raise OptionError(f"tuning sizes must be positive; got {self}")
 
 
+MERGE_INTO = ("dequantized", "base")  # what a QLoRA run's adapter is merged into
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """How ``convert`` writes the merged model and runs its stages.
@@ -124,6 +127,9 @@ class ConvertOptions:
             writes a share instead (the work directory and the checkpoint must be on a filesystem they all
             see, at the same paths).
         device: Where the streaming merge merges and checks each layer: ``cpu`` or ``cuda[:N]``.
+        merge_into: A QLoRA run's (a LoRA trained on a 4-bit base): ``dequantized``, the 4-bit weights
+            dequantized as training computed with them (the trained model), or ``base``, the original base's
+            (:mod:`zero2merged.quantized`).
         tuning: Memory/speed trade-offs (see :class:`Tuning`).
     """
 
@@ -135,6 +141,7 @@ class ConvertOptions:
     in_memory: bool = False
     workers: int = 1
     device: str = "cpu"
+    merge_into: str = "dequantized"
     tuning: Tuning = field(default_factory=Tuning)
 
     def __post_init__(self) -> None:
@@ -146,6 +153,8 @@ class ConvertOptions:
         if not isinstance(self.workers, int) or self.workers < 1:
             raise OptionError(f"--workers must be at least 1; got {self.workers}")
         _check_device(self.device)
+        if self.merge_into not in MERGE_INTO:
+            raise OptionError(f"--merge-into must be {' or '.join(MERGE_INTO)}; got {self.merge_into!r}")
         if self.in_memory and (self.workers > 1 or self.device != "cpu"):
             raise OptionError("--workers and --device apply to the streaming conversion; drop --in-memory to use them")
 

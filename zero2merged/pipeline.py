@@ -22,7 +22,7 @@ from typing import Any
 from zero2merged import names
 from zero2merged.basemodel import base_config, base_dtype
 from zero2merged.distributed import on_rank_zero
-from zero2merged.errors import OutputError
+from zero2merged.errors import OptionError, OutputError
 from zero2merged.manifest import FileHashes, Manifest, write_text_atomic
 from zero2merged.modelfiles import files_in
 from zero2merged.options import ConvertOptions, Source, convert_options
@@ -54,7 +54,8 @@ def convert(checkpoint: Path | str, output: Path | str, **options: Any) -> Conve
             :class:`~zero2merged.options.Source` (``base_model``, ``tag``, ``adapter_config``, ``lora_alpha``,
             ``use_rslora``, ``unsafe_pickle``); and how to convert, the fields of
             :class:`~zero2merged.options.ConvertOptions` (``dtype``, ``work_dir``, ``max_shard_size``,
-            ``force``, ``ignore_base_mismatch``, ``in_memory``, ``workers``, ``device``, ``tuning``).
+            ``force``, ``ignore_base_mismatch``, ``in_memory``, ``workers``, ``device``, ``merge_into``,
+            ``tuning``).
 
     Returns:
         The run's report: each stage ran or skipped, its time and result, parity figures.
@@ -97,10 +98,21 @@ def _stages(
     work, streaming = runner.work_dir, options.streaming
     info = runner.run(Inspect(source, where))
     refuse_quantized(info, streaming=streaming)
+    if options.merge_into != "dequantized" and not info.layout.quantized:
+        raise OptionError(
+            f"--merge-into {options.merge_into} applies to a QLoRA run (a LoRA trained on a 4-bit base); "
+            f"{info.checkpoint} trained on a full-precision base"
+        )
     dtype = base_dtype(base_config(info.base_model)) if options.dtype == "auto" else options.dtype
     runner.run(Consolidate(info, work / names.CONSOLIDATED, options.tuning))
     rebuild = Rebuild(info, streaming=streaming)
-    load = Load(info, rebuild, work / names.CONSOLIDATED, ignore_base_mismatch=options.ignore_base_mismatch)
+    load = Load(
+        info,
+        rebuild,
+        work / names.CONSOLIDATED,
+        ignore_base_mismatch=options.ignore_base_mismatch,
+        merge_into=options.merge_into,
+    )
     form = OutputForm(dtype, options.max_shard_size, options.device) if streaming else None
     merge = Merge(
         info,

@@ -19,7 +19,7 @@ import torch
 
 from zero2merged import names
 from zero2merged.errors import CheckpointError, OptionError
-from zero2merged.results import CheckpointInfo, ZeroLayout
+from zero2merged.results import CheckpointInfo
 from zero2merged.safetensors_io import Reader, RowChunks
 
 QUANT_STATE = ".quant_state.bitsandbytes__"  # the JSON of a 4-bit weight's settings, beside its packed bytes
@@ -34,13 +34,19 @@ def quant_kind(settings: dict) -> str:
     return f"{settings['quant_type']}, block size {settings['blocksize']}, {packed}{nested}"
 
 
-def merged_into(layout: ZeroLayout) -> str:
-    """What a QLoRA run's merge is made into, said in the report and the model card."""
-    kinds = "; ".join(sorted({quant_kind(q) for q in layout.quantized.values()}))
-    return (
-        f"QLoRA: merged into the base's 4-bit weights dequantized ({kinds}), the weights the adapter was trained "
-        "against; they differ from the original base's by the 4-bit rounding"
+def merged_into(qlora: dict) -> str:
+    """What a QLoRA run's merge was made into (stage 4's ``qlora`` record), said in the report and the card."""
+    kinds = qlora["settings"]
+    apart = (
+        f"the original base's weights lie up to {qlora['max_abs_diff']:.3g} ({qlora['max_rel_diff']:.1%} of the "
+        "largest weight, on the rows sampled) from the dequantized ones"
     )
+    if qlora["merged_into"] == "base":
+        return (
+            f"QLoRA ({kinds}): merged into the original base, not the 4-bit weights the adapter was trained "
+            f"against (--merge-into base): {apart}, so this is not the model that was trained; verify measures how far"
+        )
+    return f"QLoRA ({kinds}): merged into the 4-bit weights dequantized, as the adapter was trained; {apart}"
 
 
 def bitsandbytes():
@@ -71,6 +77,16 @@ def as_trained(weight: torch.Tensor, settings: dict, name: str) -> torch.Tensor:
             f"{name}: the base's weight is {list(made.shape)}, the run's 4-bit one {settings['shape']}"
         )
     return made
+
+
+def round_trip(rows: torch.Tensor, settings: dict) -> torch.Tensor:
+    """Whole rows of a base weight, quantized with a run's settings and dequantized (in fp32)."""
+    functional = bitsandbytes()
+    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    packed, state = functional.quantize_4bit(
+        rows.to(dtype).contiguous(), blocksize=settings["blocksize"], quant_type=settings["quant_type"]
+    )
+    return functional.dequantize_4bit(packed, state).float()
 
 
 def quantize_rows(rows: torch.Tensor, settings: dict, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

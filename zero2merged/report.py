@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from zero2merged.quantized import merged_into
 from zero2merged.results import Checked, CheckpointInfo, MergeResult, SaveResult, StageResult, human_size
 
 
@@ -78,6 +79,8 @@ class ConvertReport:
                 f"  rank files: the CRC-32 of the {sum(c.records for c in checked)} records read matches "
                 f"({human_size(sum(c.bytes for c in checked))})"
             )
+        if merged.qlora:
+            lines.append(f"  {merged_into(merged.qlora)}")
         lines += [f"  special token ids rewritten: {change}" for change in saved.served.changed]
         lines += [f"  note: {w}" for w in self.warnings]
         return "\n".join(lines)

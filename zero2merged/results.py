@@ -251,6 +251,9 @@ class LoadResult(StageResult):
         sources: Streaming: wrapper key -> ``[file, name in that file]``.
         checked: In memory: the CRC-32 checks of the rank files' records holding the saved frozen params, as
             they were read (streaming, stage 5 reads and checks them).
+        qlora: A QLoRA run's: what its 4-bit weights are merged into (``merged_into``: ``dequantized`` or
+            ``base``), and how far the original base's lie from the dequantized ones on the rows sampled
+            (``max_abs_diff``, ``max_rel_diff``: of the largest weight).
     """
 
     from_checkpoint: int
@@ -259,6 +262,7 @@ class LoadResult(StageResult):
     frozen_mismatched: list[str]
     sources: dict[str, list[str]] = field(default_factory=dict)
     checked: Checked = field(default_factory=Checked)
+    qlora: dict | None = None
 
     def metrics(self) -> dict:
         return {key: value for key, value in self.to_dict().items() if key != "sources"}
@@ -317,6 +321,7 @@ class MergeResult(StageResult):
         processes: Streaming: the processes that wrote them.
         checked: Streaming: the CRC-32 checks of the rank files' records this process read the saved frozen
             params from (each helper checks its own).
+        qlora: A QLoRA run's: what it was merged into (stage 4's record of it).
     """
 
     parity: Parity
@@ -324,6 +329,7 @@ class MergeResult(StageResult):
     files: int | None = None
     processes: int | None = None
     checked: Checked | None = None
+    qlora: dict | None = None
 
     def metrics(self) -> dict:
         return {key: value for key, value in self.to_dict().items() if value is not None}

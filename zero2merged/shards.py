@@ -27,6 +27,7 @@ from zero2merged.errors import VerificationError
 from zero2merged.layers import LayerMerger, wrapped_params
 from zero2merged.layouts import Group, Layout, read_base
 from zero2merged.manifest import Flushing
+from zero2merged.names import ORIGINAL
 from zero2merged.options import Tuning
 from zero2merged.progress import Progress
 from zero2merged.results import Parity, RebuildResult
@@ -104,6 +105,7 @@ def plan_shards(model: Any, rebuilt: RebuildResult, dtype: torch.dtype, max_shar
     base = read_base(model, rebuilt)  # reading the base's files marks the transforms they use, as loading does
     readers = Readers()
     readers[base.folder] = base
+    readers[f"{base.folder}{ORIGINAL}"] = base.original()  # a QLoRA run merged into its base (--merge-into base)
     model.eval()
     # The wrapper's tensors survive ``unload`` as the same objects under the merged model's names: identity
     # leads from each merged tensor back to its wrapper keys, and to the LoRA layer that merges it.

@@ -19,7 +19,7 @@ from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, r
 from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
 from zero2merged.manifest import files_stat
 from zero2merged.options import Source
-from zero2merged.quantized import merged_into, quant_kind
+from zero2merged.quantized import quant_kind
 from zero2merged.results import CheckpointInfo, ZeroLayout
 from zero2merged.runner import Stage
 from zero2merged.serving import notes as serving_notes
@@ -328,7 +328,6 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         features=describe(lora, keys) + base_traits + _quantization(layout),
         inferred=inferred,
         warnings=_warnings(layout, where)
-        + ([merged_into(layout)] if layout.quantized else [])
         + base_warnings
         + _unused_options(source, adapter_path, lora)
         + serving_notes(folder, base),

@@ -20,9 +20,16 @@ import torch
 from zero2merged import names
 from zero2merged.errors import BaseModelError, CheckpointError
 from zero2merged.layouts import BaseWeights, read_base
-from zero2merged.names import DEQUANTIZED
+from zero2merged.names import DEQUANTIZED, ORIGINAL
 from zero2merged.progress import Progress
-from zero2merged.quantized import DequantizedWeights, is_quant_state, quantize_rows, saved_absmax
+from zero2merged.quantized import (
+    DequantizedWeights,
+    is_quant_state,
+    quant_kind,
+    quantize_rows,
+    round_trip,
+    saved_absmax,
+)
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
 from zero2merged.safetensors_io import Reader
@@ -49,18 +56,31 @@ class Load(Stage[LoadResult]):
     name = "load"
     result_type = LoadResult
 
-    def __init__(self, info: CheckpointInfo, rebuild: Rebuild, consolidated: Path, *, ignore_base_mismatch: bool):
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        rebuild: Rebuild,
+        consolidated: Path,
+        *,
+        ignore_base_mismatch: bool,
+        merge_into: str = "dequantized",
+    ):
         self.info, self.rebuild, self.consolidated = info, rebuild, consolidated
-        self.ignore_base_mismatch = ignore_base_mismatch
+        self.ignore_base_mismatch, self.merge_into = ignore_base_mismatch, merge_into
 
     def inputs(self) -> dict:
-        return {"ignore_base_mismatch": self.ignore_base_mismatch}
+        return {"ignore_base_mismatch": self.ignore_base_mismatch, "merge_into": self.merge_into}
 
     def run(self) -> LoadResult:
         model, rebuilt = self.rebuild.model, self.rebuild.result
         if self.rebuild.streaming:
             return plan_sources(
-                model, self.consolidated, self.info, rebuilt, ignore_base_mismatch=self.ignore_base_mismatch
+                model,
+                self.consolidated,
+                self.info,
+                rebuilt,
+                ignore_base_mismatch=self.ignore_base_mismatch,
+                merge_into=self.merge_into,
             )
         saved, records = open_consolidated(self.consolidated)
         result = load_weights(
@@ -143,8 +163,13 @@ def plan_sources(
     rebuilt: RebuildResult,
     *,
     ignore_base_mismatch: bool = False,
+    merge_into: str = "dequantized",
 ) -> LoadResult:
     """Stage 4 (streaming): where every weight of ``model`` (the wrapper, on the meta device) comes from.
+
+    A QLoRA run's 4-bit weights come dequantized (``merge_into="dequantized"``: from the saved 4-bit data, or
+    the base quantized as the run did where it saved none) or from the original base (``"base"``); either way
+    the result says how far the original base's lie from the dequantized ones, on the rows sampled.
 
     The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
     compared with the base's on a sample of their rows (:func:`_sampled_difference`). The base's files are
@@ -216,8 +241,31 @@ def plan_sources(
                     f"({settings['quant_type']}, block size {settings['blocksize']}), does not give the scales the "
                     f"checkpoint saved (max abs diff {diff:.3g}): --base-model is not the base this QLoRA run loaded"
                 )
+    if info.layout.quantized:
+        accounting.qlora = _qlora_sources(sources, info, rebuilt, base, merge_into)
     accounting.sources = sources
     return accounting
+
+
+def _qlora_sources(
+    sources: dict[str, list[str]], info: CheckpointInfo, rebuilt: RebuildResult, base: BaseWeights, merge_into: str
+) -> dict:
+    """Point a QLoRA run's 4-bit weights at the original base's for ``merge_into="base"``; and measure how far
+    the original base's weights lie from the dequantized ones, on the rows :func:`_sampled_rows` picks."""
+    worst_abs = worst_rel = 0.0
+    for key, settings in info.layout.quantized.items():
+        name = _in_base(key, rebuilt, base)[1]
+        if merge_into == "base":
+            sources[key] = [f"{base.folder}{ORIGINAL}", name]
+        dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+        rows = settings["shape"][0]
+        for row in _sampled_rows(rows, settings["shape"][-1] * dtype.itemsize):
+            original = base.stored(name, slice(row, row + 1)).to(dtype).float()
+            diff = (round_trip(original, settings) - original).abs().max().item()
+            worst_abs = max(worst_abs, diff)
+            worst_rel = max(worst_rel, diff / max(original.abs().max().item(), torch.finfo(torch.float32).tiny))
+    settings = "; ".join(sorted({quant_kind(q) for q in info.layout.quantized.values()}))
+    return {"merged_into": merge_into, "settings": settings, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
 
 
 def _place(state: dict, key: str, shape: list[int]) -> torch.Tensor:

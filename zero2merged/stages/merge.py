@@ -104,6 +104,7 @@ class Merge(Stage[MergeResult]):
             self.block_bytes,
         )
         result = merge_streaming(model, self.rebuild.result, task, helpers=self.helpers, hashes=self.hashes)
+        result.qlora = self.load.result.qlora
         shutil.rmtree(self.merged, ignore_errors=True)
         replace_dir(self.staged, self.merged)
         return result
