@@ -120,7 +120,8 @@ def test_every_weight_is_bitsandbytes_dequantization_plus_peft_delta(qlora, tmp_
 def test_verify_holds_the_merged_model_to_the_trained_4bit_one(qlora, tmp_path, name):
     checkpoint = qlora(name)
     convert(checkpoint, tmp_path / "merged")
-    assert verify(tmp_path / "merged", checkpoint).passed  # the reference: the 4-bit weights dequantized
+    report = verify(tmp_path / "merged", checkpoint)
+    assert report.passed and report.reference.startswith("the trained model (its 4-bit base weights dequantized")
     result = CliRunner().invoke(
         main, ["verify", str(tmp_path / "merged"), "--checkpoint", str(checkpoint), "--in-memory"]
     )

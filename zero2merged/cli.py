@@ -316,7 +316,7 @@ def verify(merged, checkpoint, adapter, prompts, in_memory, as_json, **source) -
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(
-            f"{verdict}: {report.merged} ({report.merged_dtype}) vs the unmerged model from {report.source}"
+            f"{verdict}: {report.merged} ({report.merged_dtype}) vs {report.reference} from {report.source}"
             f"{f' [{report.tag}]' if report.tag else ''} on {report.inputs}: max abs diff "
             f"{p['max_abs_diff']:.3g}, max rel diff {p['max_rel_diff']:.3g}, top-1 agreement "
             f"{p['top1_agreement']:.4f} (tolerance: max rel diff {report.tolerance['max_rel_diff']:g}, "

@@ -90,7 +90,8 @@ def unmerged_model(info: CheckpointInfo) -> tuple[Any, RebuildResult]:
 
 @dataclass
 class VerifyReport:
-    """Parity of a merged model with the unmerged model (from a checkpoint, or a base + PEFT adapter)."""
+    """Parity of a merged model with the unmerged model (from a checkpoint, or a base + PEFT adapter);
+    ``reference`` says which model that is (a QLoRA run's: the trained one, its 4-bit weights dequantized)."""
 
     merged: str
     source: str
@@ -100,6 +101,7 @@ class VerifyReport:
     parity: dict
     tolerance: dict
     passed: bool
+    reference: str = "the unmerged model"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +156,7 @@ def verify(
 
 
 def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratch: Path, source: dict) -> VerifyReport:
+    reference = "the unmerged model"
     if checkpoint is not None:
         run = Source(checkpoint, **source)
         with run.pickle_policy():
@@ -161,6 +164,8 @@ def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratc
             refuse_quantized(info, streaming=not in_memory)
             unmerged, rebuilt = unmerged_model(info) if in_memory else unmerged_from_disk(info, scratch)
         auto_class, base, origin, tag = rebuilt.auto_class, info.base_model, info.checkpoint, info.tag
+        if info.layout.quantized:  # what the run computed with: not the original base
+            reference = "the trained model (its 4-bit base weights dequantized, with the adapter)"
     else:
         base = source.get("base_model")
         if base is None or not str(base).strip():
@@ -201,6 +206,7 @@ def _verify(merged, checkpoint, adapter, lines, prompts, in_memory: bool, scratc
         parity=parity.to_dict(),
         tolerance=asdict(tolerance),
         passed=passed,
+        reference=reference,
     )
 
 
