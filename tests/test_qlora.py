@@ -197,11 +197,13 @@ def test_a_damaged_quant_state_is_one_line(qlora, tmp_path):
 
 @pytest.mark.parametrize("name", ["qlora-z3", "qlora-trainer-z3"])
 def test_merge_into_base_is_peft_merge_on_the_original_base_and_says_how_far_it_is(qlora, tmp_path, name):
-    """--merge-into base: the original base's weights plus PEFT's delta from DeepSpeed's own consolidation
-    (within one bf16 rounding), the 4-bit weights no LoRA touches exactly the base's; the report says what it
-    was merged into and how far the base lies from the dequantized weights, and the trained model is further
-    from it than from the default merge (verify measures it against the trained model)."""
+    """--merge-into base against PEFT's own merge on the original base (the base in fp32, DeepSpeed's
+    consolidation of the masters loaded into PEFT's wrapper, merge_and_unload): every merged weight within one
+    bf16 rounding, the 4-bit weights no LoRA touches exactly the base's; the report says what it was merged
+    into and how far the base lies from the dequantized weights, and the trained model is further from it than
+    from the default merge (verify measures it against the trained model)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import LoraConfig, get_peft_model
 
     checkpoint = qlora(name)
     report = convert(checkpoint, tmp_path / "base-merged", merge_into="base")
@@ -212,16 +214,21 @@ def test_merge_into_base_is_peft_merge_on_the_original_base_and_says_how_far_it_
     merged = load_file(tmp_path / "base-merged" / "model.safetensors")
     base = load_file(Path(inspect_checkpoint(checkpoint).base_model) / "model.safetensors")
     masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-    scale = QLORA_LORA["lora_alpha"] / QLORA_LORA["r"]
-    for key in inspect_checkpoint(checkpoint).layout.quantized:
+    info = inspect_checkpoint(checkpoint)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(info.base_model, dtype=torch.float32), LoraConfig(**QLORA_LORA)
+    )
+    trained = {k: v for k, v in masters.items() if ".lora_" in k}  # the packed 4-bit "weights" are not weights
+    assert not peft_model.load_state_dict(trained, strict=False).unexpected_keys
+    reference = peft_model.merge_and_unload().state_dict()
+    for key in info.layout.quantized:
         layer = key.removesuffix(".weight").removesuffix(".base_layer")
-        name_in_files = layer.removeprefix("base_model.model.") + ".weight"
-        a, b = masters.get(f"{layer}.lora_A.default.weight"), masters.get(f"{layer}.lora_B.default.weight")
-        if a is None:
-            assert torch.equal(merged[name_in_files], base[name_in_files]), key
+        name = layer.removeprefix("base_model.model.") + ".weight"
+        if f"{layer}.lora_A.default.weight" not in trained:
+            assert torch.equal(merged[name], base[name]), key
         else:
-            expected = base[name_in_files].float() + scale * (b.float() @ a.float())
-            assert torch.allclose(merged[name_in_files].float(), expected, rtol=2**-8, atol=0), key
+            assert torch.allclose(merged[name].float(), reference[name], rtol=2**-8, atol=0), key
+            assert not torch.equal(merged[name], base[name]), key  # the delta is there
     convert(checkpoint, tmp_path / "trained")
     as_trained, as_base = verify(tmp_path / "trained", checkpoint), verify(tmp_path / "base-merged", checkpoint)
     assert as_base.parity["max_rel_diff"] > 2 * as_trained.parity["max_rel_diff"]
