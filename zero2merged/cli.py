@@ -123,7 +123,10 @@ def _configure_output(debug: bool, verbosity: int) -> None:
     if not debug:
         import warnings
 
+        from zero2merged.runtime import quiet_optional_kernels
+
         warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
+        quiet_optional_kernels()
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the same in --workers processes
         # transformers' own logs and progress bars: set for when it is imported (not now: seconds of start-up)...
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

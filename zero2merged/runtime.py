@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,13 @@ from collections.abc import Iterator
 from zero2merged.errors import Interrupted
 
 STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's stop (before its SIGKILL), and Ctrl-C
+
+
+def quiet_optional_kernels() -> None:
+    """For a process the command owns (the CLI's, a --workers helper): bitsandbytes, installed for QLoRA runs
+    and then imported by PEFT in every run, logs a warning on import that an optional CPU kernel package is
+    missing: nothing a user must act on, and a line on stderr where an error is to be one line."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -104,7 +104,7 @@ class LocalHelpers(Helpers):
 
     def start(self, tasks):
         self._pool = pool = ProcessPoolExecutor(
-            max_workers=self.size, mp_context=get_context("spawn"), initializer=_ignore_ctrl_c
+            max_workers=self.size, mp_context=get_context("spawn"), initializer=_start_helper
         )
         futures = [pool.submit(write_share, task) for task in tasks]
 
@@ -136,12 +136,16 @@ class LocalHelpers(Helpers):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ignore_ctrl_c() -> None:
+def _start_helper() -> None:
     """In a helper: Ctrl-C reaches the terminal's whole process group, but the process leading the conversion
-    decides and ends its helpers (a helper's own KeyboardInterrupt would print a traceback of its own)."""
+    decides and ends its helpers (a helper's own KeyboardInterrupt would print a traceback of its own); and
+    the libraries' import-time chatter is kept off the command's stderr, as in the leading process."""
     import signal
 
+    from zero2merged.runtime import quiet_optional_kernels
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_optional_kernels()
 
 
 class RankHelpers(Helpers):
