@@ -362,7 +362,9 @@ class BaseWeights:
 
     def dtype(self, name: str) -> torch.dtype:
         if name in self.in_4bit:
-            return getattr(torch, str(self.in_4bit[name]["dtype"]).removeprefix("torch."))
+            from zero2merged.quantized import settings_dtype
+
+            return settings_dtype(self.in_4bit[name])
         return self.groups[name].targets[name].dtype
 
     def shape(self, name: str) -> list[int]:

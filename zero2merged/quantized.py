@@ -26,6 +26,11 @@ QUANT_STATE = ".quant_state.bitsandbytes__"  # the JSON of a 4-bit weight's sett
 QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def settings_dtype(settings: dict) -> torch.dtype:
+    """The dtype a 4-bit weight dequantizes to, from its settings (checked when they were read: ``zero.py``)."""
+    return getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+
+
 def quant_kind(settings: dict) -> str:
     """A 4-bit weight's settings, as ``inspect`` and the messages say them."""
     nested = ", double-quantized" if settings["nested"] else ""
@@ -66,7 +71,7 @@ def as_trained(weight: torch.Tensor, settings: dict, name: str) -> torch.Tensor:
     the run's settings by bitsandbytes, as loading the base in 4-bit did (bit for bit on the CPU), and
     dequantized as its forward did."""
     functional = bitsandbytes()
-    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    dtype = settings_dtype(settings)
     packed, state = functional.quantize_4bit(
         weight.to(dtype).contiguous(), blocksize=settings["blocksize"], quant_type=settings["quant_type"],
         compress_statistics=bool(settings["nested"]),
@@ -82,7 +87,7 @@ def as_trained(weight: torch.Tensor, settings: dict, name: str) -> torch.Tensor:
 def round_trip(rows: torch.Tensor, settings: dict) -> torch.Tensor:
     """Whole rows of a base weight, quantized with a run's settings and dequantized (in fp32)."""
     functional = bitsandbytes()
-    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    dtype = settings_dtype(settings)
     packed, state = functional.quantize_4bit(
         rows.to(dtype).contiguous(), blocksize=settings["blocksize"], quant_type=settings["quant_type"]
     )

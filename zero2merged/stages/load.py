@@ -29,6 +29,7 @@ from zero2merged.quantized import (
     quantize_rows,
     round_trip,
     saved_absmax,
+    settings_dtype,
 )
 from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
 from zero2merged.runner import Stage
@@ -257,7 +258,7 @@ def _qlora_sources(
         name = _in_base(key, rebuilt, base)[1]
         if merge_into == "base":
             sources[key] = [f"{base.folder}{ORIGINAL}", name]
-        dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+        dtype = settings_dtype(settings)
         rows = settings["shape"][0]
         for row in _sampled_rows(rows, settings["shape"][-1] * dtype.itemsize):
             original = base.stored(name, slice(row, row + 1)).to(dtype).float()
@@ -360,7 +361,7 @@ def _sampled_4bit_scales(store: Reader, key: str, settings: dict, base: BaseWeig
     is the one the run quantized, and quantizing it again reproduces the run's weights). Where not, the
     largest difference of the scales."""
     rows, columns = settings["shape"][0], settings["shape"][-1]
-    dtype = getattr(torch, str(settings["dtype"]).removeprefix("torch."))
+    dtype = settings_dtype(settings)
     worst = None
     for row in _sampled_rows(rows, columns * dtype.itemsize):
         made = quantize_rows(base.stored(name, slice(row, row + 1)).to(dtype), settings, torch.uint8)
