@@ -20,11 +20,13 @@ test-fast: install
 # The fuzzer's full set: every mutation family of damaged checkpoints, bases and configs, twelve rounds
 # (make test runs a seeded subset). A case alone: python -m tests.fuzzing repro SEED
 fuzz: install
-	$(PYTHON) -m pytest -m fuzz tests/test_fuzz.py
+	$(PYTHON) -m pytest -m fuzz tests/end_to_end/test_fuzz.py
 
+# Style, then the import layers (the contracts in pyproject.toml: no import loop, none running up a layer).
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 format:
 	$(PYTHON) -m ruff check --fix .

@@ -1,5 +1,5 @@
 """Fine-tune with LoRA in a plain DeepSpeed ZeRO-3 loop; the last call saves the checkpoint and exports
-the merged model (zero2merged.integrations.export_engine), verified, ready to serve.
+the merged model (zero2merged.api.integrations.export_engine), verified, ready to serve.
 
     deepspeed --num_gpus 8 examples/train_custom_loop.py --base-model meta-llama/Llama-3.2-1B --output-dir out
     # on CPUs (how the tests run it): DS_ACCELERATOR=cpu deepspeed --num_gpus 2 ...
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from zero2merged.integrations import export_engine
+from zero2merged.api.integrations import export_engine
 
 
 def main() -> None:

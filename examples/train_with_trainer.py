@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from zero2merged.integrations import MergeOnTrainEnd
+from zero2merged.api.integrations import MergeOnTrainEnd
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from fixtures.families import Family, tiny_config
-from zero2merged.results import CheckpointInfo, ZeroLayout
+from zero2merged.core.results import CheckpointInfo, ZeroLayout
 
 DTYPE = torch.bfloat16
 
@@ -73,11 +73,11 @@ def reference(model, auto_class: str, output: Path, max_shard_size: int) -> None
 
 def streamed(info: CheckpointInfo, root: Path, output: Path, max_shard_size: int, block_bytes: int):
     """Stages 3 to 5 of the streaming conversion (stage 2's store written by :func:`build`)."""
-    from zero2merged.manifest import FileHashes
+    from zero2merged.running.manifest import FileHashes
     from zero2merged.stages.load import plan_sources
     from zero2merged.stages.merge import merge_streaming
     from zero2merged.stages.rebuild import rebuild
-    from zero2merged.workers import ShardTask
+    from zero2merged.stages.workers import ShardTask
 
     model, rebuilt = rebuild(info, on_meta=True)
     loaded = plan_sources(model, root / "consolidated.safetensors", info, rebuilt)

@@ -15,7 +15,7 @@ should not wait for them.
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
-from zero2merged.errors import (
+from zero2merged.core.errors import (
     AdapterConfigError,
     BaseModelError,
     CheckpointError,
@@ -31,19 +31,19 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 _LAZY = {
-    "convert": "zero2merged.pipeline",
+    "convert": "zero2merged.api.pipeline",
     "inspect_checkpoint": "zero2merged.stages.inspect",
-    "verify": "zero2merged.verification",
-    "export_adapter": "zero2merged.export",
-    "STAGES": "zero2merged.pipeline",
-    "ConvertReport": "zero2merged.report",
-    "StageReport": "zero2merged.report",
-    "VerifyReport": "zero2merged.verification",
-    "ExportReport": "zero2merged.export",
-    "CheckpointInfo": "zero2merged.results",
-    "Source": "zero2merged.options",
-    "ConvertOptions": "zero2merged.options",
-    "Tuning": "zero2merged.options",
+    "verify": "zero2merged.api.verify",
+    "export_adapter": "zero2merged.api.export",
+    "STAGES": "zero2merged.api.pipeline",
+    "ConvertReport": "zero2merged.running.report",
+    "StageReport": "zero2merged.running.report",
+    "VerifyReport": "zero2merged.api.verify",
+    "ExportReport": "zero2merged.api.export",
+    "CheckpointInfo": "zero2merged.core.results",
+    "Source": "zero2merged.core.options",
+    "ConvertOptions": "zero2merged.core.options",
+    "Tuning": "zero2merged.core.options",
 }
 
 

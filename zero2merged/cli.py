@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage. A user error prints one line
 (``error: …``) and no traceback unless ``--debug`` is given. The options are named as the fields of
-:class:`~zero2merged.options.Source` and :class:`~zero2merged.options.ConvertOptions`, and handed to the
+:class:`~zero2merged.core.options.Source` and :class:`~zero2merged.core.options.ConvertOptions`, and handed to the
 library as they are. Nothing heavy is imported until a command runs (``--help`` and ``--version`` are quick).
 """
 
@@ -16,8 +16,8 @@ import sys
 
 import click
 
-from zero2merged.errors import VerificationError, Zero2MergedError
-from zero2merged.options import MERGE_INTO, OUTPUT_DTYPES
+from zero2merged.core.errors import VerificationError, Zero2MergedError
+from zero2merged.core.options import MERGE_INTO, OUTPUT_DTYPES
 
 # -q, -v and --debug: one definition, taken before the command (``zero2merged -q convert …``) and after it
 # (``zero2merged convert … -q``), as people type them. Each only notes that it was given, in the root
@@ -84,7 +84,7 @@ class _Group(click.Group):
             _refuse_usage(ctx, e)
 
     def invoke(self, ctx: click.Context):
-        from zero2merged.runtime import skip_last_collection, stopping_on_signals
+        from zero2merged.running.runtime import skip_last_collection, stopping_on_signals
 
         try:
             with stopping_on_signals():
@@ -123,7 +123,7 @@ def _configure_output(debug: bool, verbosity: int) -> None:
     if not debug:
         import warnings
 
-        from zero2merged.runtime import quiet_optional_kernels
+        from zero2merged.running.runtime import quiet_optional_kernels
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
         quiet_optional_kernels()
@@ -149,7 +149,7 @@ def main() -> None:
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 
-# The fields of zero2merged.options.Source, as options (the checkpoint is each command's argument).
+# The fields of zero2merged.core.options.Source, as options (the checkpoint is each command's argument).
 SOURCE_OPTIONS = [
     click.option("--tag", help="Checkpoint tag to use [default: the one 'latest' names]."),
     click.option(
@@ -175,7 +175,7 @@ SOURCE_OPTIONS = [
 
 def source_options(command):
     """Add the options that say where the run's LoRA config and base come from (keyword arguments named
-    as :class:`~zero2merged.options.Source`'s fields)."""
+    as :class:`~zero2merged.core.options.Source`'s fields)."""
     for option in reversed(SOURCE_OPTIONS):
         command = option(command)
     return command
@@ -231,8 +231,8 @@ def convert(checkpoint, output, as_json, **options) -> None:
     Example:
         zero2merged convert run/checkpoint-500 --output merged --base-model meta-llama/Llama-3.2-1B
     """
-    from zero2merged.distributed import join_launched_group
-    from zero2merged.pipeline import convert as run_convert
+    from zero2merged.api.distributed import join_launched_group
+    from zero2merged.api.pipeline import convert as run_convert
 
     join_launched_group()
     report = run_convert(checkpoint, output, **options)
@@ -259,9 +259,9 @@ def inspect(checkpoint, check, as_json, **source) -> None:
         zero2merged inspect run/checkpoint-500
         zero2merged inspect run/checkpoint-500 --check
     """
-    from zero2merged.report import format_checked, format_info
+    from zero2merged.files.zipcheck import check_files
+    from zero2merged.running.report import format_checked, format_info
     from zero2merged.stages.inspect import inspect_checkpoint
-    from zero2merged.zipcheck import check_files
 
     info = inspect_checkpoint(checkpoint, **source)
     files = [info.tag_dir / name for name in [*info.layout.model_files, *info.layout.optim_files]]
@@ -310,7 +310,7 @@ def verify(merged, checkpoint, adapter, prompts, in_memory, as_json, **source) -
         zero2merged verify merged --checkpoint run/checkpoint-500
         zero2merged verify merged --adapter adapter --base-model /models/base --prompts prompts.txt
     """
-    from zero2merged.verification import verify as run_verify
+    from zero2merged.api.verify import verify as run_verify
 
     report = run_verify(merged, checkpoint, adapter=adapter, prompts=prompts, in_memory=in_memory, **source)
     p = report.parity
@@ -344,7 +344,7 @@ def export_adapter(checkpoint, output, as_json, **source) -> None:
     Example:
         zero2merged export-adapter run/checkpoint-500 --output adapter
     """
-    from zero2merged.export import export_adapter as run_export
+    from zero2merged.api.export import export_adapter as run_export
 
     report = run_export(checkpoint, output, **source)
     if as_json:

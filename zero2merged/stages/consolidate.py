@@ -3,7 +3,7 @@
 Trainable params come from the fp32 master copies in the optimizer files (more precise than the 16-bit
 weights the Trainer's adapter file holds), written into the file. Frozen params, nearly all of a LoRA
 model's bytes, are listed by reference: the byte ranges of the rank files that hold them, in the dtype
-they were saved in (see :mod:`zero2merged.safetensors_io`). Copying them would write the whole model once
+they were saved in (see :mod:`zero2merged.files.safetensors_reader`). Copying them would write the whole model once
 more, and hash it, for nothing: the later stages read the same bytes from either place, and the rank files
 are inputs of this stage already (a new save under the tag redoes it). Where a file range is unknown (no
 /proc/self/maps), they are copied in. Keys are the checkpoint's own (PEFT's ``base_model.model.…``). The
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.errors import CheckpointError, VerificationError
-from zero2merged.manifest import replacing
-from zero2merged.options import Tuning
-from zero2merged.progress import Progress
-from zero2merged.quantized import quant_state_tensors
-from zero2merged.results import CheckpointInfo, ConsolidateResult
-from zero2merged.runner import Stage
-from zero2merged.safetensors_io import Reader, Writer, writer_bytes
-from zero2merged.zero import ZeroReader
+from zero2merged.checkpoint.quantized import quant_state_tensors
+from zero2merged.checkpoint.reader import ZeroReader
+from zero2merged.core.errors import CheckpointError, VerificationError
+from zero2merged.core.options import Tuning
+from zero2merged.core.results import CheckpointInfo, ConsolidateResult
+from zero2merged.files.atomic import replacing
+from zero2merged.files.safetensors_reader import Reader
+from zero2merged.files.safetensors_writer import Writer, writer_bytes
+from zero2merged.running.progress import Progress
+from zero2merged.running.runner import Stage
 
 ALIASES_KEY = "zero2merged.aliases"  # metadata: alias name -> the saved name it shares storage with
 

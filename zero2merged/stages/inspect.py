@@ -6,119 +6,29 @@ catches most bad input before the heavy work starts.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zero2merged import names
-from zero2merged.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
-from zero2merged.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
-from zero2merged.manifest import files_stat
-from zero2merged.options import Source
-from zero2merged.quantized import quant_kind
-from zero2merged.results import CheckpointInfo, ZeroLayout
-from zero2merged.runner import Stage
-from zero2merged.serving import notes as serving_notes
-from zero2merged.serving import serving_files
-from zero2merged.zero import read_layout
+from zero2merged.checkpoint.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
+from zero2merged.checkpoint.layout import read_layout
+from zero2merged.checkpoint.location import Location, resolve_tag
+from zero2merged.checkpoint.quantized import quant_kind
+from zero2merged.core import names
+from zero2merged.core.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
+from zero2merged.core.options import Source
+from zero2merged.core.results import CheckpointInfo, ZeroLayout
+from zero2merged.files.pickles import pickle_policy
+from zero2merged.model.base import base_config, checkpoint_vocab, choose_base, embedding_modules, is_vision_language
+from zero2merged.model.layouts import describe as describe_layout
+from zero2merged.model.serving import notes as serving_notes
+from zero2merged.model.serving import serving_files
+from zero2merged.running.manifest import files_stat
+from zero2merged.running.runner import Stage
 
 INFERRED = "inferred from the checkpoint's keys"  # adapter_config_path when no config was saved
-
-
-def _natural(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _tags(checkpoint: Path) -> list[str]:
-    found = [p.name for p in checkpoint.iterdir() if p.is_dir() and any(p.glob(names.MODEL_STATES_GLOB))]
-    return sorted(found, key=_natural)
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where the tag to convert is.
-
-    Attributes:
-        folder: The checkpoint folder (holding ``latest`` and the tag folders).
-        tag: The tag folder's name.
-        tags: Every tag in ``folder``, oldest first.
-        checkpoints: When a run folder was given: its checkpoint folders, oldest first.
-    """
-
-    folder: Path
-    tag: str
-    tags: list[str]
-    checkpoints: list[str] = field(default_factory=list)
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    return (folder / names.LATEST).is_file() or bool(_tags(folder))
-
-
-def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
-    """Find the checkpoint folder, the tag to convert and every tag present.
-
-    ``checkpoint`` may be the folder holding ``latest``, a tag folder itself, or a run folder holding
-    several checkpoint folders (the Trainer's ``checkpoint-N``): then the newest is taken, or the one
-    ``tag`` names (a checkpoint folder or a tag inside one).
-
-    Raises:
-        CheckpointError: no checkpoint there, or the tag is missing or unsafe.
-    """
-    checkpoint = checkpoint.expanduser().resolve()
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"{checkpoint} is not a directory; pass the folder holding '{names.LATEST}'")
-    if tag is None and not (checkpoint / names.LATEST).exists() and any(checkpoint.glob(names.MODEL_STATES_GLOB)):
-        return Location(checkpoint.parent, checkpoint.name, _tags(checkpoint.parent))
-    if not _is_checkpoint(checkpoint):
-        found = sorted((p.name for p in checkpoint.iterdir() if p.is_dir() and _is_checkpoint(p)), key=_natural)
-        if not found:
-            raise CheckpointError(
-                f"{checkpoint} is not a DeepSpeed checkpoint: no '{names.LATEST}' file, no tag "
-                f"folder with {names.MODEL_STATES_GLOB} and no checkpoint folder inside"
-            )
-        chosen = found[-1]
-        if tag in found:
-            chosen, tag = tag, None
-        elif tag is not None:
-            holding = [name for name in found if (checkpoint / name / tag).is_dir()]
-            if not holding:
-                raise CheckpointError(
-                    f"no checkpoint in {checkpoint} has a tag {tag!r} (checkpoints: {', '.join(found)})"
-                )
-            chosen = holding[-1]
-        return dataclasses.replace(resolve_tag(checkpoint / chosen, tag), checkpoints=found)
-
-    tags = _tags(checkpoint)
-    if tag is None:
-        latest = checkpoint / names.LATEST
-        if latest.is_file():
-            with open(latest, "rb") as f:
-                raw = f.read(NAME_MAX + 2).strip()  # a folder's name, and its newline; anything longer is not one
-            try:
-                tag = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CheckpointError(
-                    f"{latest} does not hold a tag name (not UTF-8 text): the file is damaged; pass --tag"
-                ) from e
-            if len(raw) > NAME_MAX:
-                raise CheckpointError(f"{latest} does not hold a tag name (too long): the file is damaged; pass --tag")
-        elif len(tags) == 1:
-            tag = tags[0]
-        else:
-            raise CheckpointError(
-                f"{checkpoint} has no '{names.LATEST}' file and several tags ({', '.join(tags)}); choose one with --tag"
-            )
-    if not tag or Path(tag).name != tag or tag in (".", ".."):
-        raise CheckpointError(f"tag {tag!r} is not a folder name inside {checkpoint}; refusing to leave it")
-    if len(tag.encode()) > NAME_MAX or not (checkpoint / tag).is_dir():
-        known = ", ".join(tags) or "none"
-        raise CheckpointError(f"tag {tag!r} has no folder in {checkpoint} (tags found: {known})")
-    return Location(checkpoint, tag, tags)
 
 
 def adapter_config_candidates(checkpoint: Path, given: Path | None) -> list[Path]:
@@ -146,9 +56,6 @@ def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
         "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
         "infer the rest from the checkpoint"
     )
-
-
-NAME_MAX = 255  # the longest file name Linux filesystems take, in bytes
 
 
 def _read_lora_config(path: Path) -> dict:
@@ -214,9 +121,6 @@ def _base_features(base: str, lora: dict, layout: ZeroLayout, keys: AdapterKeys)
 
     Returns (features, warnings); a base that cannot be read is a warning here (convert will stop on it).
     """
-    from zero2merged.basemodel import base_config, checkpoint_vocab, choose_base, embedding_modules, is_vision_language
-    from zero2merged.layouts import describe as describe_layout
-
     try:
         config = base_config(base)
         auto_name, model = choose_base(lora, config, list(layout.trainable_shapes))
@@ -285,8 +189,8 @@ def inspect_checkpoint(checkpoint: Path | str | Source, **source: Any) -> Checkp
 
     Args:
         checkpoint: The folder holding ``latest``, a tag folder, or a run folder of checkpoints (or a whole
-            :class:`~zero2merged.options.Source`).
-        **source: The rest of :class:`~zero2merged.options.Source`: ``tag``, ``adapter_config``,
+            :class:`~zero2merged.core.options.Source`).
+        **source: The rest of :class:`~zero2merged.core.options.Source`: ``tag``, ``adapter_config``,
             ``base_model``, ``lora_alpha``, ``use_rslora``, ``unsafe_pickle``.
 
     Raises:
@@ -294,7 +198,7 @@ def inspect_checkpoint(checkpoint: Path | str | Source, **source: Any) -> Checkp
         OptionError: an option's value is not accepted.
     """
     run = checkpoint if isinstance(checkpoint, Source) else Source(checkpoint, **source)
-    with run.pickle_policy():
+    with pickle_policy(run.unsafe_pickle):
         return inspect(run, resolve_tag(run.checkpoint, run.tag))
 
 
@@ -346,7 +250,7 @@ def _quantization(layout: ZeroLayout) -> list[str]:
 def refuse_quantized(info: CheckpointInfo, *, streaming: bool) -> None:
     """Stop, in one line, on a QLoRA run on the in-memory path: its saved base weights are packed 4-bit
     bytes, which no merge may take for weights; streaming merges into them dequantized
-    (:mod:`zero2merged.quantized`).
+    (:mod:`zero2merged.checkpoint.quantized`).
 
     Raises:
         CheckpointError: the run trained its LoRA on a 4-bit base, and this is the in-memory path.

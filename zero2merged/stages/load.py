@@ -17,30 +17,30 @@ from pathlib import Path
 
 import torch
 
-from zero2merged import names
-from zero2merged.errors import BaseModelError, CheckpointError
-from zero2merged.layouts import BaseWeights, read_base
-from zero2merged.names import DEQUANTIZED, ORIGINAL
-from zero2merged.progress import Progress
-from zero2merged.quantized import (
+from zero2merged.checkpoint.quantized import (
     DequantizedWeights,
     is_quant_state,
     quant_kind,
-    quantize_rows,
     round_trip,
-    saved_absmax,
     settings_dtype,
 )
-from zero2merged.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
-from zero2merged.runner import Stage
-from zero2merged.safetensors_io import Reader
+from zero2merged.core import names
+from zero2merged.core.errors import BaseModelError, CheckpointError
+from zero2merged.core.names import DEQUANTIZED, ORIGINAL
+from zero2merged.core.results import CheckpointInfo, LoadResult, RebuildResult, ResizedVocab
+from zero2merged.files.safetensors_reader import Reader
+from zero2merged.files.zipcheck import RecordCheck
+from zero2merged.model.weights import BaseWeights, read_base
+from zero2merged.running.progress import Progress
+from zero2merged.running.runner import Stage
+from zero2merged.stages.base_compare import (
+    difference,
+    sampled_4bit_difference,
+    sampled_4bit_scales,
+    sampled_difference,
+    sampled_rows,
+)
 from zero2merged.stages.rebuild import Rebuild
-from zero2merged.zipcheck import RecordCheck
-
-# The sample of each saved frozen tensor compared with the base's (streaming): rows spread over it, at most
-# this many, of at most this many bytes in all (one row where a row is larger: an expert of fused experts).
-SAMPLED_ROWS = 16
-SAMPLE_BYTES = 1 << 20
 
 
 class Load(Stage[LoadResult]):
@@ -125,7 +125,7 @@ def load_weights(
     Args:
         model: The PEFT wrapper; its non-saved params keep the base's values.
         tensors: ``(name, tensor)`` pairs: :func:`read_consolidated` of stage 2's store, or a
-            :class:`~zero2merged.zero.ZeroReader`'s tensors straight from the checkpoint.
+            :class:`~zero2merged.checkpoint.reader.ZeroReader`'s tensors straight from the checkpoint.
         info: Stage 1's result.
         resized_vocab: Stage 3's record of a vocabulary resized to the checkpoint's: the base's values then
             exist only for its first ``base_rows`` rows.
@@ -147,7 +147,7 @@ def load_weights(
         target = _place(state, key, list(tensor.shape))
         if key in info.layout.frozen:
             rows = resized.get(key)
-            diff = _difference(tensor, target) if rows is None else _difference(tensor[:rows], target[:rows])
+            diff = difference(tensor, target) if rows is None else difference(tensor[:rows], target[:rows])
             if diff is not None:
                 mismatched.append((key, diff))
         with torch.no_grad():
@@ -173,7 +173,7 @@ def plan_sources(
     the result says how far the original base's lie from the dequantized ones, on the rows sampled.
 
     The same accounting as :func:`load_weights`, without loading anything: saved frozen weights are
-    compared with the base's on a sample of their rows (:func:`_sampled_difference`). The base's files are
+    compared with the base's on a sample of their rows (:func:`sampled_difference`). The base's files are
     read in the model's layout (through its conversion mapping, where transformers has one for it). The
     rank files' records are not read here: stage 5 reads them, and checks their CRC-32s.
 
@@ -207,9 +207,9 @@ def plan_sources(
                         "layout transformers does not map to this class"
                     )
                 if in_4bit:
-                    diff = _sampled_4bit_difference(quantized, key, info.layout.quantized[key], base, where[1])
+                    diff = sampled_4bit_difference(quantized, key, info.layout.quantized[key], base, where[1])
                 else:
-                    diff = _sampled_difference(saved, key, base, where[1], resized.get(key))
+                    diff = sampled_difference(saved, key, base, where[1], resized.get(key))
                 if diff is not None:
                     mismatched.append((key, diff))
                 progress.update(saved.nbytes(key), tensor_done=True)
@@ -235,7 +235,7 @@ def plan_sources(
         sources[key] = where
         settings = info.layout.quantized.get(key)
         if settings is not None:  # trained in 4-bit, no 4-bit data saved: the base quantized as the run did
-            diff = _sampled_4bit_scales(saved, key, settings, base, where[1])
+            diff = sampled_4bit_scales(saved, key, settings, base, where[1])
             if diff is not None and not ignore_base_mismatch:
                 raise BaseModelError(
                     f"the base's {where[1]}, quantized in 4-bit with the run's settings "
@@ -252,7 +252,7 @@ def _qlora_sources(
     sources: dict[str, list[str]], info: CheckpointInfo, rebuilt: RebuildResult, base: BaseWeights, merge_into: str
 ) -> dict:
     """Point a QLoRA run's 4-bit weights at the original base's for ``merge_into="base"``; and measure how far
-    the original base's weights lie from the dequantized ones, on the rows :func:`_sampled_rows` picks."""
+    the original base's weights lie from the dequantized ones, on the rows :func:`sampled_rows` picks."""
     worst_abs = worst_rel = 0.0
     for key, settings in info.layout.quantized.items():
         name = _in_base(key, rebuilt, base)[1]
@@ -260,7 +260,7 @@ def _qlora_sources(
             sources[key] = [f"{base.folder}{ORIGINAL}", name]
         dtype = settings_dtype(settings)
         rows = settings["shape"][0]
-        for row in _sampled_rows(rows, settings["shape"][-1] * dtype.itemsize):
+        for row in sampled_rows(rows, settings["shape"][-1] * dtype.itemsize):
             original = base.stored(name, slice(row, row + 1)).to(dtype).float()
             diff = (round_trip(original, settings) - original).abs().max().item()
             worst_abs = max(worst_abs, diff)
@@ -283,94 +283,6 @@ def _place(state: dict, key: str, shape: list[int]) -> torch.Tensor:
             "--base-model is not the model this run trained"
         )
     return target
-
-
-def _difference(saved: torch.Tensor, base: torch.Tensor) -> float | None:
-    """None when ``saved`` equals ``base`` cast to the dtype it was saved in; else the max abs diff."""
-    base = base.to(saved.dtype)
-    if _same_bits(saved, base) or torch.equal(saved, base):  # the values, where the bits differ (-0.0 and 0.0)
-        return None
-    return (saved.float() - base.float()).abs().max().item()
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one dtype hold the same bytes: compared 8 at a time where sizes and addresses
-    allow, which is 6 times as fast as ``torch.equal`` on bf16 values."""
-    if a.shape != b.shape:
-        return False
-    a, b = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
-    if a.numel() % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
-        a, b = a.view(torch.int64), b.view(torch.int64)
-    return torch.equal(a, b)
-
-
-def _sampled_difference(saved: Reader, key: str, base: BaseWeights, name: str, rows: int | None) -> float | None:
-    """:func:`_difference` of two stored tensors on :data:`SAMPLED_ROWS` rows spread evenly over the first
-    ``rows`` (the first and the last among them), or whole where that is less than a sample's bytes (a
-    norm's weight, a bias). Another model's weights, or another revision's, differ in nearly every row; a
-    sample finds them for a few hundred kilobytes read of each side instead of the whole base."""
-    shape = saved.shape(key)
-    limit = (shape[0] if rows is None else min(rows, shape[0])) if shape else 0
-    row_bytes = saved.nbytes(key) // max(shape[0], 1) if shape else 0
-    if not shape:
-        chosen = [None]
-    elif len(shape) < 2 or limit * row_bytes <= SAMPLE_BYTES:
-        chosen = [slice(0, limit)]
-    else:
-        chosen = [slice(row, row + 1) for row in _sampled_rows(limit, row_bytes)]
-    worst = None
-    for part in chosen:
-        diff = _difference(saved.get(key, part), base.get(name, part))
-        if diff is not None:
-            worst = max(worst or 0.0, diff)
-    return worst
-
-
-def _sampled_rows(limit: int, row_bytes: int) -> list[int]:
-    """:data:`SAMPLED_ROWS` rows spread evenly over ``limit`` (the first and the last among them), at most
-    :data:`SAMPLE_BYTES` of them (one at least)."""
-    count = max(1, min(SAMPLED_ROWS, SAMPLE_BYTES // max(row_bytes, 1), limit))
-    return sorted({round(i * (limit - 1) / max(count - 1, 1)) for i in range(count)})
-
-
-def _sampled_4bit_difference(
-    quantized: DequantizedWeights, key: str, settings: dict, base: BaseWeights, name: str
-) -> float | None:
-    """A QLoRA run's 4-bit weight against the base's: a sample of the base's rows, quantized with the saved
-    settings by bitsandbytes as loading the run's base did, must give the saved packed bytes and scales
-    exactly (which also checks the settings). Where they do not, how far the saved rows dequantized lie from
-    the base's. Rows that do not hold whole blocks, or double-quantized scales, are not compared."""
-    rows, columns = quantized.shape(key)[0], quantized.shape(key)[-1]
-    worst = None
-    for row in _sampled_rows(rows, columns * quantized.dtype(key).itemsize):
-        original = base.get(name, slice(row, row + 1)).to(quantized.dtype(key))
-        made = quantize_rows(original, settings, quantized.store.dtype(key))
-        if made is None:
-            return None
-        packed, absmax = quantized.saved_rows(key, row, 1)
-        if _same_bits(made[0].view(-1), packed.view(-1)) and _same_bits(made[1], absmax):
-            continue
-        diff = (quantized.dequantized_rows(key, packed, absmax, original).float() - original.float()).abs().max()
-        worst = max(worst or 0.0, diff.item())
-    return worst
-
-
-def _sampled_4bit_scales(store: Reader, key: str, settings: dict, base: BaseWeights, name: str) -> float | None:
-    """A QLoRA run whose checkpoint holds no 4-bit data (the HF Trainer's) still holds each 4-bit weight's
-    scales: a sample of the base's rows, quantized with the saved settings, must give them exactly (the base
-    is the one the run quantized, and quantizing it again reproduces the run's weights). Where not, the
-    largest difference of the scales."""
-    rows, columns = settings["shape"][0], settings["shape"][-1]
-    dtype = settings_dtype(settings)
-    worst = None
-    for row in _sampled_rows(rows, columns * dtype.itemsize):
-        made = quantize_rows(base.stored(name, slice(row, row + 1)).to(dtype), settings, torch.uint8)
-        if made is None:
-            return None
-        saved = saved_absmax(store, key, settings, row, 1)
-        if not _same_bits(made[1], saved):
-            worst = max(worst or 0.0, (made[1] - saved).abs().max().item())
-    return worst
 
 
 def _in_base(key: str, rebuilt: RebuildResult, base: BaseWeights) -> list[str] | None:

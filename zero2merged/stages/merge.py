@@ -3,9 +3,9 @@
 The merge maths (W0 + s·B·A, rsLoRA's scaling, DoRA's row norms, fan_in_fan_out) stays PEFT's: nothing
 here re-implements it. In memory, ``merge_and_unload`` merges the whole model and both models run on the
 same probe inputs. Streaming, each LoRA layer is merged on its own by PEFT's layer ``merge`` (a linear layer
-a block of rows at a time: :mod:`zero2merged.layers`) and checked on probe activations, and the merged
-weights go straight into the output's files (:mod:`zero2merged.shards`), shared out among helper processes
-when there are any (:mod:`zero2merged.workers`).
+a block of rows at a time: :mod:`zero2merged.checks.layers`) and checked on probe activations, and the merged
+weights go straight into the output's files (:mod:`zero2merged.stages.shards`), shared out among helper processes
+when there are any (:mod:`zero2merged.stages.workers`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from zero2merged import names
-from zero2merged.dtypes import TORCH_DTYPES
-from zero2merged.errors import VerificationError
-from zero2merged.manifest import FileHashes, replacing
-from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
-from zero2merged.parity import MERGE_TOLERANCE, compare_routed, probe_inputs, routed_outputs, routes_to_tensors
-from zero2merged.results import CheckpointInfo, MergeResult, RebuildResult
-from zero2merged.runner import Stage
-from zero2merged.shards import deal, plan_shards, record_check, write_configs, write_index, write_shards
+from zero2merged.checks.parity import MERGE_TOLERANCE, compare_routed, probe_inputs, routed_outputs, routes_to_tensors
+from zero2merged.core import names
+from zero2merged.core.dtypes import TORCH_DTYPES
+from zero2merged.core.errors import VerificationError
+from zero2merged.core.results import CheckpointInfo, MergeResult, RebuildResult
+from zero2merged.files.atomic import replacing
+from zero2merged.model.modelfiles import check_complete, files_in, fresh_dir, replace_dir
+from zero2merged.running.manifest import FileHashes
+from zero2merged.running.runner import Stage
 from zero2merged.stages.load import Load
 from zero2merged.stages.rebuild import Rebuild
-from zero2merged.workers import Helpers, ShardTask
+from zero2merged.stages.shards import deal, plan_shards, record_check, write_configs, write_index, write_shards
+from zero2merged.stages.workers import Helpers, ShardTask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Merge(Stage[MergeResult]):
             None in memory.
         helpers: Streaming: other processes writing shards, or None.
         hashes: The run's file hashes (the shards are flushed and hashed in the background as they are done).
-        block_bytes: See :class:`~zero2merged.options.Tuning`.
+        block_bytes: See :class:`~zero2merged.core.options.Tuning`.
     """
 
     name = "merge"

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zero2merged.basemodel import (
+from zero2merged.core.errors import AdapterConfigError, BaseModelError, first_line
+from zero2merged.core.results import CheckpointInfo, RebuildResult, ResizedVocab
+from zero2merged.model.base import (
     base_config,
     base_dtype,
     checkpoint_vocab,
@@ -18,11 +20,9 @@ from zero2merged.basemodel import (
     load_base,
     meta_model,
 )
-from zero2merged.errors import AdapterConfigError, BaseModelError, first_line
-from zero2merged.manifest import files_stat
-from zero2merged.modelfiles import files_in
-from zero2merged.results import CheckpointInfo, RebuildResult, ResizedVocab
-from zero2merged.runner import Stage
+from zero2merged.model.modelfiles import files_in
+from zero2merged.running.manifest import files_stat
+from zero2merged.running.runner import Stage
 
 
 class Rebuild(Stage[RebuildResult]):

@@ -2,7 +2,7 @@
 
 The model is assembled beside the output (``.<name>.zero2merged-partial``) in the chosen dtype, sharded with
 an index, tied weights written once, with the tokenizer, chat template, generation config (their special token
-ids made to agree: see :mod:`zero2merged.serving`) and model card, and renamed into place only once verified:
+ids made to agree: see :mod:`zero2merged.model.serving`) and model card, and renamed into place only once verified:
 the output folder never holds a model that looks complete but is not.
 
 Streaming (:func:`publish`), stage 5 already wrote the weights and configs: they are hard-linked in and
@@ -22,17 +22,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from zero2merged import modelcard, names
-from zero2merged.basemodel import load_base, saved_dtypes
-from zero2merged.dtypes import TORCH_DTYPES
-from zero2merged.errors import OutputError, VerificationError
-from zero2merged.manifest import files_stat
-from zero2merged.modelfiles import check_complete, files_in, fresh_dir, replace_dir
-from zero2merged.parity import SAVE_TOLERANCES, compare_routed, routes_from_tensors
-from zero2merged.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult, Served
-from zero2merged.runner import Stage
-from zero2merged.safetensors_io import Reader
-from zero2merged.serving import generation_config_sources, serve
+from zero2merged.checks.parity import SAVE_TOLERANCES, compare_routed, routes_from_tensors
+from zero2merged.core import names
+from zero2merged.core.dtypes import TORCH_DTYPES
+from zero2merged.core.errors import OutputError, VerificationError
+from zero2merged.core.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult, Served
+from zero2merged.files.safetensors_reader import Reader
+from zero2merged.model.base import load_base, saved_dtypes
+from zero2merged.model.modelfiles import check_complete, files_in, fresh_dir, replace_dir
+from zero2merged.model.serving import generation_config_sources, serve
+from zero2merged.running import modelcard
+from zero2merged.running.manifest import files_stat
+from zero2merged.running.runner import Stage
 from zero2merged.stages.rebuild import base_fingerprint
 
 
@@ -254,7 +255,7 @@ def _check_reload(
     staged: Path, model, auto_class: str, dtype: torch.dtype, probes: dict, reference: torch.Tensor, routes: list
 ) -> Parity:
     """Reload with the plain Auto class: no key missing or unexpected, every tensor identical, ties kept; and
-    its outputs vs the fp32 merge's (its MoE routers following the merge's choices: see zero2merged.parity)."""
+    its outputs vs the fp32 merge's (its MoE routers following the merge's choices: see zero2merged.checks.parity)."""
     import transformers
 
     check_complete(staged, model)

@@ -1,0 +1,1 @@
+"""The pipeline and the training-job integrations."""

@@ -1,0 +1,1 @@
+"""Parity and block-at-a-time checks."""

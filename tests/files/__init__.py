@@ -1,0 +1,1 @@
+"""Bytes on disk: safetensors, CRC-32 records, hostile headers."""
