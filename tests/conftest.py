@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures import Fixture, build_fixture
+from fixtures import SPECS, Fixture, build_fixture, build_fixtures
+
+
+def pytest_collection_modifyitems(config, items):
+    """Note the fixtures the selected tests take (a parameter naming one), to train them together."""
+    config.wanted_fixtures = sorted(
+        {value for item in items for value in getattr(getattr(item, "callspec", None), "params", {}).values()
+         if isinstance(value, str) and value in SPECS}
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def trained():
-    """``trained(name)`` -> the fixture ``name`` from ``fixtures.SPECS``, trained by DeepSpeed if not cached."""
+def trained(request):
+    """``trained(name)`` -> the fixture ``name`` from ``fixtures.SPECS``, trained by DeepSpeed if not cached.
+    The first call trains every fixture the selected tests take, in as few launches as it can."""
     built: dict[str, Fixture] = {}
 
     def get(name: str) -> Fixture:
+        if not built:
+            build_fixtures([*getattr(request.config, "wanted_fixtures", []), name])
         if name not in built:
             built[name] = build_fixture(name)
         return built[name]
