@@ -165,6 +165,13 @@ SOURCE_OPTIONS = [
     ),
     click.option("--use-rslora", is_flag=True, help="With --lora-alpha: the run used rsLoRA scaling."),
     click.option(
+        "--peft-model",
+        metavar="PATH",
+        help="The saved module holds several PEFT models: the attribute path of the one to convert "
+        "(e.g. 'actor.model'; '.' for the module itself).",
+    ),
+    click.option("--adapter-name", metavar="NAME", help="The model trained several adapters: the one to merge."),
+    click.option(
         "--unsafe-pickle",
         is_flag=True,
         help="Load rank files holding pickled objects DeepSpeed does not write (a pickle can run "

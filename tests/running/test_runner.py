@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zero2merged.core.results import StageResult
+from zero2merged.core.records import StageResult
 from zero2merged.running.manifest import FileHashes
 from zero2merged.running.runner import Runner, Stage
 

@@ -48,6 +48,18 @@ class AdapterKeys:
         return list(dict.fromkeys(module.rsplit(".", 1)[-1] for module in self.ranks))
 
 
+# Any tensor that belongs to one adapter: LoRA's own and modules_to_save's (above), and trainable tokens'.
+_ADAPTER_TENSOR = re.compile(
+    rf"^{re.escape(names.PEFT_PREFIX)}.+\.(?:trainable_tokens_delta|trainable_tokens_original)\.(?P<adapter>[^.]+)$"
+)
+
+
+def adapter_of(name: str) -> str | None:
+    """The adapter a PEFT model's tensor belongs to (by its name in the PEFT model), or None for a base one."""
+    found = _KEY.match(name) or _ADAPTER_TENSOR.match(name)
+    return found["adapter"] if found else None
+
+
 def trained_by_peft(name: str) -> bool:
     """Whether a wrapper key is one PEFT trains (LoRA's own weights, a module trained in full), by its name."""
     return _KEY.match(name) is not None

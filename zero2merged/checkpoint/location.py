@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zero2merged.checkpoint.adapter_file import ADAPTER_FILE, is_adapter_folder
 from zero2merged.core import names
 from zero2merged.core.errors import CheckpointError
 
@@ -33,16 +34,23 @@ class Location:
         tag: The tag folder's name.
         tags: Every tag in ``folder``, oldest first.
         checkpoints: When a run folder was given: its checkpoint folders, oldest first.
+        gathered: ``folder`` is a PEFT adapter folder saved gathered, with no ZeRO files (``tag`` is empty):
+            :mod:`~zero2merged.checkpoint.adapter_file`.
     """
 
     folder: Path
     tag: str
     tags: list[str]
     checkpoints: list[str] = field(default_factory=list)
+    gathered: bool = False
 
 
 def _is_checkpoint(folder: Path) -> bool:
     return (folder / names.LATEST).is_file() or bool(_tags(folder))
+
+
+def _is_gathered(folder: Path) -> bool:
+    return is_adapter_folder(folder) and not _is_checkpoint(folder)
 
 
 def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
@@ -60,12 +68,17 @@ def resolve_tag(checkpoint: Path, tag: str | None) -> Location:
         raise CheckpointError(f"{checkpoint} is not a directory; pass the folder holding '{names.LATEST}'")
     if tag is None and not (checkpoint / names.LATEST).exists() and any(checkpoint.glob(names.MODEL_STATES_GLOB)):
         return Location(checkpoint.parent, checkpoint.name, _tags(checkpoint.parent))
+    if tag is None and _is_gathered(checkpoint):
+        return Location(checkpoint, "", [], gathered=True)
     if not _is_checkpoint(checkpoint):
-        found = sorted((p.name for p in checkpoint.iterdir() if p.is_dir() and _is_checkpoint(p)), key=_natural)
+        found = sorted(
+            (p.name for p in checkpoint.iterdir() if p.is_dir() and (_is_checkpoint(p) or _is_gathered(p))),
+            key=_natural,
+        )
         if not found:
             raise CheckpointError(
-                f"{checkpoint} is not a DeepSpeed checkpoint: no '{names.LATEST}' file, no tag "
-                f"folder with {names.MODEL_STATES_GLOB} and no checkpoint folder inside"
+                f"{checkpoint} is not a DeepSpeed checkpoint: no '{names.LATEST}' file, no tag folder with "
+                f"{names.MODEL_STATES_GLOB}, no {ADAPTER_FILE} and no checkpoint folder inside"
             )
         chosen = found[-1]
         if tag in found:

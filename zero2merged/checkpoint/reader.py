@@ -98,11 +98,13 @@ class ZeroReader:
         :class:`_FlatView` of the group); and the ZeRO-1/2 per-param alignment paddings."""
         if self.layout.zero_stage == 0:  # in the model-state file (module's own tensors for an fp32 run)
             states = self._model_states[0]
-            flat = states[names.OPTIMIZER].get(names.FP32_GROUPS_FLAT)
-            if flat is None:
-                module = states[names.MODULE]
-                return [[_FlatView([module[n].reshape(-1) for n in group]) for group in self.layout.trainable]], None
-            return [[_FlatView([t.reshape(-1)]) for t in flat]], None
+            optimizer, saved = states[names.OPTIMIZER], self.layout.saved_name
+            if names.FP32_GROUPS_FLAT in optimizer:  # a fused optimizer's: a flat tensor per group
+                return [[_FlatView([t.reshape(-1)]) for t in optimizer[names.FP32_GROUPS_FLAT]]], None
+            if names.FP32_GROUPS in optimizer:  # an unfused one's (a torch optimizer): a tensor per param
+                return [[_FlatView([t.reshape(-1) for t in group]) for group in optimizer[names.FP32_GROUPS]]], None
+            module = states[names.MODULE]
+            return [[_FlatView([module[saved(n)].reshape(-1) for n in group]) for group in self.layout.trainable]], None
         key = names.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else names.SINGLE_PARTITION_OF_FP32_GROUPS
         groups, paddings = [], None
         for rank, name in enumerate(self.layout.optim_files):
@@ -145,15 +147,18 @@ class ZeroReader:
         specs = {name: (torch.float32, shape) for name, shape in self.layout.trainable_shapes.items()}
         if self.layout.frozen_source:
             saved = self._model_states[0][self.layout.frozen_source]
-            specs.update({name: (saved[name].dtype, shape) for name, shape in self.layout.frozen.items()})
+            specs.update({name: (saved[self._saved(name)].dtype, shape) for name, shape in self.layout.frozen.items()})
         module = self._model_states[0][names.MODULE]
-        specs.update({name: (module[name].dtype, shape) for name, shape in self.layout.buffers.items()})
+        specs.update({name: (module[self._saved(name)].dtype, shape) for name, shape in self.layout.buffers.items()})
         return specs
 
     @functools.cached_property
     def records(self) -> RecordCheck:
         """The CRC-32 checks of the rank files' records, fed with every piece :meth:`pieces` yields."""
         return RecordCheck([self.tag_dir / name for name in [*self.layout.model_files, *self.layout.optim_files]])
+
+    def _saved(self, name: str) -> str:
+        return self.layout.saved_name(name)
 
     def pieces(self, skip: Collection[str] = ()) -> Iterator[tuple[str, int, torch.Tensor]]:
         """``(name, element offset, 1-D piece)`` of every tensor but those in ``skip``, in order, each piece
@@ -163,8 +168,9 @@ class ZeroReader:
         Raises:
             CheckpointError: sizes that do not add up, or a record whose bytes fail their CRC-32.
         """
+        left_out = set(self.layout.outside)  # trainable params outside the PEFT model: read past, not yielded
         for name, offset, piece in self._all_pieces():
-            if name in skip:
+            if name in skip or name in left_out:
                 continue
             self._feed(piece)
             if name in self._copies:
@@ -187,9 +193,10 @@ class ZeroReader:
         module = self._model_states[0][names.MODULE]
         shapes = self.layout.trainable_shapes
         return {
-            name: module[name].reshape(-1)
+            name: module[saved].reshape(-1)
             for name in shapes
-            if name in module and module[name].numel() == math.prod(shapes[name])
+            for saved in [self._saved(name)]
+            if saved in module and module[saved].numel() == math.prod(shapes[name])
         }
 
     def _check_copy(self, name: str, offset: int, piece: torch.Tensor) -> None:
@@ -217,7 +224,7 @@ class ZeroReader:
         yield from self._frozen()
         module = self._model_states[0][names.MODULE]
         for name in self.layout.buffers:
-            yield name, 0, module[name].reshape(-1)
+            yield name, 0, module[self._saved(name)].reshape(-1)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Whole tensors, assembled from :meth:`pieces` into fresh memory (for in-memory consumers)."""
@@ -272,12 +279,13 @@ class ZeroReader:
     def _zero3_trainable(self, masters) -> Iterator[tuple[str, int, torch.Tensor]]:
         world = self.layout.world_size
         per_rank = [_FlatView(rank) for rank in masters]
-        needed = sum(math.ceil(math.prod(s) / world) for s in self.layout.trainable_shapes.values())
+        every = {name: shape for group in self.layout.trainable for name, shape in group.items()}  # left out too
+        needed = sum(math.ceil(math.prod(s) / world) for s in every.values())
         held = [view.numel for view in per_rank]
         if any(h != needed for h in held):
             raise self._mismatch(f"{needed} per rank", held)
         offset = 0
-        for name, shape in self.layout.trainable_shapes.items():
+        for name, shape in every.items():
             numel = math.prod(shape)
             part = math.ceil(numel / world)
             for rank, view in enumerate(per_rank):
@@ -302,7 +310,7 @@ class ZeroReader:
             numel = math.prod(shape)
             if layout.zero_stage == 3:
                 part = math.ceil(numel / layout.world_size)
-                fragments = [s[name].reshape(-1) for s in saved]
+                fragments = [s[self._saved(name)].reshape(-1) for s in saved]
                 if any(f.numel() != part for f in fragments):
                     raise CheckpointError(f"{self.tag_dir}: frozen param {name}'s fragments do not add up to {shape}")
                 for rank, fragment in enumerate(fragments):
@@ -310,7 +318,7 @@ class ZeroReader:
                     if valid > 0:
                         yield name, rank * part, fragment.narrow(0, 0, valid)
             else:
-                flat = saved[0][name].reshape(-1)
+                flat = saved[0][self._saved(name)].reshape(-1)
                 if flat.numel() != numel:
                     raise CheckpointError(
                         f"{self.tag_dir}: frozen param {name} has {flat.numel()} elements, "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.checkpoint.adapter_keys import trained_by_peft
+from zero2merged.checkpoint.naming import trained_by_peft_anywhere
 from zero2merged.core import names
 from zero2merged.core.dtypes import SHORT_NAMES
 from zero2merged.core.errors import CheckpointError
@@ -31,12 +31,23 @@ def stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
     """The layout of a ZeRO stage 0 save (see the module's doc)."""
     module = states.get(names.MODULE) or {}
     buffer_names = set(states.get(names.BUFFER_NAMES) or [])
-    candidates = [name for name in module if name not in buffer_names and trained_by_peft(name)]
-    masters = states[names.OPTIMIZER].get(names.FP32_GROUPS_FLAT)
-    if masters is None:  # fp32: the masters are module's own tensors
+    candidates = [name for name in module if name not in buffer_names and trained_by_peft_anywhere(name)]
+    optimizer, dtype = states[names.OPTIMIZER], training_dtype(model_file, states, module)
+    if names.FP32_GROUPS_FLAT in optimizer:  # a fused optimizer (DeepSpeed's, from the config's "optimizer")
+        masters = [m.reshape(-1) for m in optimizer[names.FP32_GROUPS_FLAT]]
+        trainable = _match_masters(model_file, masters, module, candidates)
+    elif names.FP32_GROUPS in optimizer:  # an unfused one (a torch optimizer the script made): a tensor per param
+        groups = optimizer[names.FP32_GROUPS]
+        masters = [torch.cat([m.reshape(-1) for m in group]) if group else torch.empty(0) for group in groups]
+        trainable = _match_masters(model_file, masters, module, candidates)
+    elif dtype == "fp32":  # the masters are module's own tensors
         trainable = [{name: as_shape(module[name].shape) for name in candidates}]
     else:
-        trainable = _match_masters(model_file, [m.reshape(-1) for m in masters], module, candidates)
+        raise CheckpointError(
+            f"{model_file}: a ZeRO stage 0 save of a {dtype} run, but its optimizer state holds no fp32 masters "
+            f"({names.FP32_GROUPS_FLAT} or {names.FP32_GROUPS}; found: {', '.join(map(str, optimizer)) or 'nothing'}); "
+            "this DeepSpeed optimizer's layout is not one zero2merged reads"
+        )
     trained = {name for group in trainable for name in group}
     frozen = {
         name: as_shape(t.shape)
@@ -46,7 +57,7 @@ def stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
     return ZeroLayout(
         zero_stage=0,
         world_size=int(states.get(names.DP_WORLD_SIZE) or 1),
-        dtype=training_dtype(model_file, states, module),
+        dtype=dtype,
         ds_version=states.get(names.DS_VERSION),
         global_step=states.get(names.GLOBAL_STEPS),
         trainable=trainable,

@@ -35,6 +35,9 @@ class Source:
         use_rslora: With ``lora_alpha``: the run used rsLoRA scaling.
         unsafe_pickle: Unpickle the rank files in full, whatever objects they hold (a pickle can run code:
             only for checkpoints you trust); by default only DeepSpeed's own classes are allowed.
+        peft_model: Where the saved module holds several PEFT models: the attribute path of the one to convert
+            (``"."``: the module itself); by default the only one there is.
+        adapter_name: Where the model trained several adapters: the one to merge; by default the only one.
     """
 
     checkpoint: Path
@@ -44,9 +47,14 @@ class Source:
     lora_alpha: float | None = None
     use_rslora: bool = False
     unsafe_pickle: bool = False
+    peft_model: str | None = None
+    adapter_name: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint).expanduser())
+        for option, value in (("--peft-model", self.peft_model), ("--adapter-name", self.adapter_name)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise OptionError(f"{option} is empty: name one, or leave it out")
         if self.adapter_config is not None:
             object.__setattr__(self, "adapter_config", Path(self.adapter_config).expanduser())
         if self.base_model is not None:

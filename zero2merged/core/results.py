@@ -8,54 +8,12 @@ imports torch.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 from zero2merged.core.errors import VerificationError
-
-
-class Record:
-    """A dataclass that turns into JSON-ready data and back, nested records included."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: _revive(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
-
-
-def _revive(hint: Any, value: Any) -> Any:
-    """``value`` (as JSON gave it) as the type ``hint`` names: records rebuilt, containers followed."""
-    if value is None:
-        return None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if isinstance(hint, type) and issubclass(hint, Record):
-        return hint.from_dict(value)
-    if origin in (Union, types.UnionType):
-        [inner] = [arg for arg in args if arg is not type(None)]  # only ``X | None`` is used
-        return _revive(inner, value)
-    if origin is list:
-        return [_revive(args[0], item) for item in value]
-    if origin is dict:
-        return {key: _revive(args[1], item) for key, item in value.items()}
-    return value
-
-
-class StageResult(Record):
-    """What a stage hands on; its report shows :meth:`metrics` and a one-line :meth:`headline`."""
-
-    def metrics(self) -> dict:
-        """The figures for the run's report (what the next stages need but a reader does not is left out)."""
-        return self.to_dict()
-
-    def headline(self) -> str:
-        return ""
+from zero2merged.core.records import Record, StageResult
 
 
 @dataclass
@@ -78,6 +36,15 @@ class ZeroLayout(Record):
         quantized: A QLoRA run's base weights saved in 4-bit by bitsandbytes: name -> their quant state
             (``quant_type``, ``blocksize``, ``dtype`` they dequantize to, ``shape``, ``storage`` dtype of the
             packed bytes); the saved "weight" is then packed 4-bit data, not a weight.
+        prefix: Where the PEFT model sits in the saved names (``model.``, ``_orig_mod.``; empty when the
+            engine's module is the PEFT model): the tables hold the names without it
+            (:mod:`zero2merged.checkpoint.naming`).
+        adapter: The adapter converted, when the names were resolved.
+        outside: Saved names left out: params outside the PEFT model, and other adapters' weights. A trainable
+            one keeps its place (and saved name) in ``trainable``, whose flat offsets count it.
+        kind: ``zero`` (DeepSpeed's rank files) or ``adapter`` (a PEFT adapter folder saved gathered: the
+            trained weights are the run's 16-bit copies; :mod:`zero2merged.checkpoint.adapter_file`).
+        renamed: Table name -> the name the file gives it, where it is not the prefix's (an adapter file's).
     """
 
     zero_stage: int
@@ -93,10 +60,26 @@ class ZeroLayout(Record):
     model_files: list[str] = field(default_factory=list)
     optim_files: list[str] = field(default_factory=list)
     quantized: dict[str, dict] = field(default_factory=dict)
+    prefix: str = ""
+    adapter: str | None = None
+    outside: list[str] = field(default_factory=list)
+    kind: str = "zero"
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def _left_out(self) -> frozenset[str]:
+        return frozenset(self.outside)
 
     @property
     def trainable_shapes(self) -> dict[str, list[int]]:
-        return {name: shape for group in self.trainable for name, shape in group.items()}
+        """The trained params of the PEFT model (those left out aside)."""
+        return {name: shape for group in self.trainable for name, shape in group.items() if name not in self._left_out}
+
+    def saved_name(self, name: str) -> str:
+        """A table's name as the rank files hold it."""
+        if name in self.renamed:
+            return self.renamed[name]
+        return name if name in self._left_out else self.prefix + name
 
 
 @dataclass

@@ -89,10 +89,9 @@ def render(info: CheckpointInfo, *, dtype: str, merged: MergeResult, save_parity
         "| | |",
         "|---|---|",
         f"| source checkpoint | `{info.checkpoint}` |",
-        f"| tag | `{info.tag}` (optimizer step {layout.global_step}) |",
-        f"| ZeRO | stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype} training, saved by "
-        f"DeepSpeed {layout.ds_version} |",
-        f"| trained weights | the fp32 master copies ({len(layout.trainable_shapes)} tensors) |",
+        *_saved_by(info),
+        *([f"| PEFT model | under `{layout.prefix.removesuffix('.')}` in the saved names |"] if layout.prefix else []),
+        f"| adapter | `{info.adapter_name}` |",
         f"| base model | `{info.base_model}` |",
         *([f"| base weights | {merged_into(merged.qlora)} |"] if merged.qlora else []),
         f"| LoRA config | `{json.dumps(lora_fields, sort_keys=True)}` (from `{info.adapter_config_path}`) |",
@@ -136,3 +135,19 @@ def _serving(served: Served) -> list[str]:
     elif served.tokenizer_from:
         lines += ["The special token ids in `config.json` and `generation_config.json` agree with the tokenizer.", ""]
     return lines
+
+
+def _saved_by(info: CheckpointInfo) -> list[str]:
+    """What the run saved: DeepSpeed's rank files (the fp32 masters), or its adapter gathered in 16 bits."""
+    layout = info.layout
+    if layout.kind == "adapter":
+        return [
+            f"| saved as | a PEFT adapter folder, gathered ({layout.dtype}): no ZeRO files |",
+            f"| trained weights | the run's {layout.dtype} copies ({len(layout.trainable_shapes)} tensors) |",
+        ]
+    return [
+        f"| tag | `{info.tag}` (optimizer step {layout.global_step}) |",
+        f"| ZeRO | stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype} training, saved by "
+        f"DeepSpeed {layout.ds_version} |",
+        f"| trained weights | the fp32 master copies ({len(layout.trainable_shapes)} tensors) |",
+    ]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zero2merged.checkpoint.quantized import merged_into
-from zero2merged.core.results import Checked, CheckpointInfo, MergeResult, SaveResult, StageResult, human_size
+from zero2merged.core.records import StageResult
+from zero2merged.core.results import Checked, CheckpointInfo, MergeResult, SaveResult, human_size
 
 
 @dataclass
@@ -108,12 +109,21 @@ def format_info(info: CheckpointInfo) -> str:
         ("tags", ", ".join(f"{t} (chosen)" if t == info.tag else t for t in info.tags)),
         ("step", layout.global_step),
         (
-            "ZeRO",
-            f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}",
+            ("saved as", f"a PEFT adapter folder, gathered ({layout.dtype}): no ZeRO files")
+            if layout.kind == "adapter"
+            else (
+                "ZeRO",
+                f"stage {layout.zero_stage}, {layout.world_size} ranks, {layout.dtype}, DeepSpeed {layout.ds_version}",
+            )
         ),
         (
             "trainable",
-            f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, {human_size(4 * trainable)} (fp32 masters)",
+            f"{len(layout.trainable_shapes)} tensors, {trainable:,} params, "
+            + (
+                f"the run's {layout.dtype} copies"
+                if layout.kind == "adapter"
+                else f"{human_size(4 * trainable)} (fp32 masters)"
+            ),
         ),
         (
             "frozen",

@@ -19,7 +19,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from zero2merged.core import names
 from zero2merged.core.errors import OutputError
-from zero2merged.core.results import StageResult
+from zero2merged.core.records import StageResult
 from zero2merged.running.manifest import FileHashes, Manifest, fingerprint
 from zero2merged.running.report import StageReport
 

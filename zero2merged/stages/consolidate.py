@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from zero2merged.checkpoint.adapter_file import AdapterFileReader
 from zero2merged.checkpoint.quantized import quant_state_tensors
 from zero2merged.checkpoint.reader import ZeroReader
 from zero2merged.core.errors import CheckpointError, VerificationError
@@ -72,7 +73,10 @@ def consolidate(info: CheckpointInfo, path: Path, *, piece_elements: int = Tunin
         CheckpointError: a tensor is missing, mis-sized or holds NaN/inf.
     """
     layout = info.layout
-    reader = ZeroReader(info.tag_dir, layout, piece_elements=piece_elements)
+    if layout.kind == "adapter":
+        reader = AdapterFileReader(info.tag_dir, layout)
+    else:
+        reader = ZeroReader(info.tag_dir, layout, piece_elements=piece_elements)
     specs = reader.specs()
     referenced = reader.frozen_ranges()
     stored = {name: spec for name, spec in specs.items() if name not in referenced}

@@ -12,15 +12,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from zero2merged.checkpoint.adapter_file import adapter_layout
 from zero2merged.checkpoint.adapter_keys import AdapterKeys, describe, infer_lora_config, read_adapter_keys
 from zero2merged.checkpoint.layout import read_layout
 from zero2merged.checkpoint.location import Location, resolve_tag
+from zero2merged.checkpoint.naming import choose
 from zero2merged.checkpoint.quantized import quant_kind
 from zero2merged.core import names
 from zero2merged.core.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
 from zero2merged.core.options import Source
 from zero2merged.core.results import CheckpointInfo, ZeroLayout
 from zero2merged.files.pickles import pickle_policy
+from zero2merged.model.adapter_names import saved_adapter_names
 from zero2merged.model.base import base_config, checkpoint_vocab, choose_base, embedding_modules, is_vision_language
 from zero2merged.model.layouts import describe as describe_layout
 from zero2merged.model.serving import notes as serving_notes
@@ -31,28 +34,35 @@ from zero2merged.running.runner import Stage
 INFERRED = "inferred from the checkpoint's keys"  # adapter_config_path when no config was saved
 
 
-def adapter_config_candidates(checkpoint: Path, given: Path | None) -> list[Path]:
+def adapter_config_candidates(checkpoint: Path, given: Path | None, adapter: str | None = None) -> list[Path]:
     """Where the LoRA config is looked for, in order: ``--adapter-config`` (a file or the folder holding one),
-    else the checkpoint folder and its parent."""
+    else the checkpoint folder and its parent; for an adapter not named ``default``, first the folder of its
+    name in each (where ``PeftModel.save_pretrained`` puts it)."""
     if given is not None:
         return [given / names.ADAPTER_CONFIG if given.is_dir() else given]
-    return [checkpoint / names.ADAPTER_CONFIG, checkpoint.parent / names.ADAPTER_CONFIG]
+    found = []
+    for folder in (checkpoint, checkpoint.parent):
+        if adapter and adapter != "default":
+            found.append(folder / adapter / names.ADAPTER_CONFIG)
+        found.append(folder / names.ADAPTER_CONFIG)
+    return found
 
 
-def find_adapter_config(checkpoint: Path, given: Path | None) -> Path:
+def find_adapter_config(checkpoint: Path, given: Path | None, adapter: str | None = None) -> Path:
     """The first of :func:`adapter_config_candidates` that exists.
 
     Raises:
         AdapterConfigError: none does.
     """
-    candidates = adapter_config_candidates(checkpoint, given)
+    candidates = adapter_config_candidates(checkpoint, given, adapter)
     found = next((path for path in candidates if path.is_file()), None)
     if found is not None:
         return found
     if given is not None:
         raise AdapterConfigError(f"adapter config {candidates[0]} does not exist")
+    named = f" (or their {adapter}/ folders)" if adapter and adapter != "default" else ""
     raise AdapterConfigError(
-        f"no {names.ADAPTER_CONFIG} in {checkpoint} or its parent; pass --adapter-config "
+        f"no {names.ADAPTER_CONFIG} in {checkpoint} or its parent{named}; pass --adapter-config "
         "with the LoRA config the run was trained with, or --lora-alpha (and --base-model) to "
         "infer the rest from the checkpoint"
     )
@@ -90,24 +100,19 @@ def _read_lora_config(path: Path) -> dict:
 
 
 def _adapter_name(keys: AdapterKeys, layout: ZeroLayout, tag_dir: Path) -> str:
-    found = set(keys.adapters)
+    """The adapter converted (:func:`~zero2merged.checkpoint.naming.choose` picked it among several)."""
     if not keys.ranks:
         raise CheckpointError(
             f"{tag_dir}: no LoRA weights among the trained params "
             f"({', '.join(list(layout.trainable_shapes)[:3])}, ...); is this a LoRA run?"
         )
-    if len(found) > 1:
-        raise CheckpointError(
-            f"{tag_dir}: several adapters were trained ({', '.join(sorted(found))}); "
-            "zero2merged merges one adapter per conversion"
-        )
-    return found.pop()
+    return layout.adapter or next(iter(keys.adapters))
 
 
-def _lora_config(folder: Path, source: Source, keys: AdapterKeys) -> tuple[str, dict, list[str]]:
+def _lora_config(folder: Path, source: Source, keys: AdapterKeys, adapter: str) -> tuple[str, dict, list[str]]:
     """(where from, config, what was inferred): the saved config, else one inferred from the keys."""
     try:
-        path = find_adapter_config(folder, source.adapter_config)
+        path = find_adapter_config(folder, source.adapter_config, adapter)
     except AdapterConfigError:
         if source.adapter_config or source.lora_alpha is None:
             raise
@@ -162,6 +167,12 @@ ACCELERATE_TAG = re.compile(r"pytorch_model(_\d+)?")
 
 def _warnings(layout: ZeroLayout, where: Location) -> list[str]:
     folder, notes = where.folder, []
+    if where.gathered:
+        return [
+            f"a PEFT adapter folder saved gathered (no ZeRO files): the trained weights are the run's "
+            f"{layout.dtype} copies in {layout.model_files[0]}, not its fp32 masters; the base's weights come "
+            "from the base"
+        ]
     models = [tag for tag in where.tags if ACCELERATE_TAG.fullmatch(tag)]
     if len(models) > 1:
         notes.append(
@@ -205,19 +216,19 @@ def inspect_checkpoint(checkpoint: Path | str | Source, **source: Any) -> Checkp
 def inspect(source: Source, where: Location) -> CheckpointInfo:
     """:func:`inspect_checkpoint` of the tag ``where`` names."""
     folder, tag = where.folder, where.tag
-    layout = read_layout(folder / tag)
-    keys = read_adapter_keys(layout.trainable_shapes)
-    adapter_name = _adapter_name(keys, layout, folder / tag)
-    adapter_path, lora, inferred = _lora_config(folder, source, keys)
-    base = source.base_model or lora.get("base_model_name_or_path")
-    if not base:
-        raise BaseModelError(f"{adapter_path} names no base model (base_model_name_or_path); pass --base-model")
-    if source.base_model is None and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
-        raise BaseModelError(
-            f"the base model recorded in {adapter_path} ({base}) does not exist here; "
-            "pass --base-model with its current location"
-        )
-    base = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    if where.gathered:  # a PEFT adapter folder: its config says what its keys are
+        path = find_adapter_config(folder, source.adapter_config)
+        adapter_path, lora, inferred, adapter_name = str(path), _read_lora_config(path), [], "default"
+        base = _base_model(source, adapter_path, lora)
+        layout = adapter_layout(folder, saved_adapter_names(lora, base, adapter_name))
+        keys = read_adapter_keys(layout.trainable_shapes)
+    else:
+        layout = read_layout(folder / tag)
+        layout = choose(layout, folder / tag, peft_model=source.peft_model, adapter=source.adapter_name)
+        keys = read_adapter_keys(layout.trainable_shapes)
+        adapter_name = _adapter_name(keys, layout, folder / tag)
+        adapter_path, lora, inferred = _lora_config(folder, source, keys, adapter_name)
+        base = _base_model(source, adapter_path, lora)
     base_traits, base_warnings = _base_features(base, lora, layout, keys)
     return CheckpointInfo(
         checkpoint=str(folder),
@@ -231,11 +242,43 @@ def inspect(source: Source, where: Location) -> CheckpointInfo:
         base_model=base,
         features=describe(lora, keys) + base_traits + _quantization(layout),
         inferred=inferred,
-        warnings=_warnings(layout, where)
+        warnings=_naming(layout)
+        + _warnings(layout, where)
         + base_warnings
         + _unused_options(source, adapter_path, lora)
         + serving_notes(folder, base),
     )
+
+
+def _base_model(source: Source, adapter_path: str, lora: dict) -> str:
+    """The base: ``--base-model``, else the one the adapter config names (resolved where it is a folder)."""
+    base = source.base_model or lora.get("base_model_name_or_path")
+    if not base:
+        raise BaseModelError(f"{adapter_path} names no base model (base_model_name_or_path); pass --base-model")
+    if source.base_model is None and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+        raise BaseModelError(
+            f"the base model recorded in {adapter_path} ({base}) does not exist here; "
+            "pass --base-model with its current location"
+        )
+    return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+
+
+def _naming(layout: ZeroLayout) -> list[str]:
+    """Where the PEFT model sat in the saved names, which adapter is converted, and what is left out."""
+    found = []
+    if layout.prefix:
+        found.append(
+            f"the PEFT model sits under '{layout.prefix.removesuffix('.')}' in the saved names (the script's module "
+            "holds it): the prefix is stripped"
+        )
+    if layout.adapter and layout.adapter != "default":
+        found.append(f"the adapter merged is '{layout.adapter}'")
+    if layout.outside:
+        found.append(
+            f"left out, not part of the PEFT model or its adapter: {len(layout.outside)} saved tensors "
+            f"({', '.join(layout.outside[:3])}{', ...' if len(layout.outside) > 3 else ''})"
+        )
+    return found
 
 
 def _quantization(layout: ZeroLayout) -> list[str]:
@@ -294,11 +337,19 @@ class Inspect(Stage[CheckpointInfo]):
         return {
             "checkpoint": str(self.where.folder),
             "tag": self.where.tag,
-            "options": self.source.inference,
             # the rank files by name, size and mtime: the later stages read them too
             "files": files_stat([p for p in tag_dir.iterdir() if p.is_file()]),
+            "options": {**self.source.inference, "peft_model": self.source.peft_model, "adapter": self.source.adapter_name},
             "adapter_config": files_stat(
-                [p for p in adapter_config_candidates(self.where.folder, self.source.adapter_config) if p.is_file()]
+                [
+                    *(
+                        p
+                        for p in adapter_config_candidates(self.where.folder, self.source.adapter_config)
+                        if p.is_file()
+                    ),
+                    *self.where.folder.glob(f"*/{names.ADAPTER_CONFIG}"),  # a named adapter's
+                    *self.where.folder.parent.glob(f"*/{names.ADAPTER_CONFIG}"),
+                ]
             ),
             "serving": files_stat(serving_files(self.where.folder)),
         }
