@@ -46,11 +46,22 @@ def reference_model(fixture: Fixture):
     from peft import LoraConfig, get_peft_model
 
     spec = fixture.spec
-    state = reference_consolidated(fixture.checkpoint)
     base = auto_class(spec.task).from_pretrained(fixture.base, dtype=torch.float32)
     if fixture.vocabulary > base.get_input_embeddings().weight.shape[0]:  # as the run grew it
         base.resize_token_embeddings(fixture.vocabulary)
-    model = get_peft_model(base, LoraConfig(**spec.lora))
+    if spec.gathered:  # a plain PEFT adapter folder: PEFT's own loader
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(fixture.checkpoint)).merge_and_unload()
+    # DeepSpeed names params by their path in the script's module: the PEFT model's names start after the
+    # prefix the script put there (known from the spec, not found); another PEFT model's or adapter's are not
+    # this merge's.
+    state = {
+        name.removeprefix(spec.prefix): tensor
+        for name, tensor in reference_consolidated(fixture.checkpoint).items()
+        if name.startswith(spec.prefix) and not (spec.second_adapter and f".{spec.second_adapter}." in name)
+    }
+    model = get_peft_model(base, LoraConfig(**spec.lora), adapter_name=spec.adapter_name)
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     assert not result.unexpected_keys
     return model.merge_and_unload()
@@ -193,6 +204,7 @@ def convert_fixture(fixture: Fixture, output: Path, **kwargs):
     written from the spec and passed with ``adapter_config`` (and the base with ``base_model``)."""
     import zero2merged
 
+    kwargs = {**fixture.spec.convert_options, **kwargs}
     if fixture.spec.adapter_config == "none" and "adapter_config" not in kwargs:
         from peft import LoraConfig
 

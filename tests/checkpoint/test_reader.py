@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fixtures import SPECS, TESTED
+from fixtures import SPECS, ZERO_SAVED
 from tests.helpers import base_state, reference_consolidated
 from zero2merged.checkpoint import reader as zero
 from zero2merged.checkpoint.layout import rank_files, read_layout
@@ -28,7 +28,7 @@ def _reader(fixture, **options):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", ZERO_SAVED)
 def test_reader_matches_deepspeed_tensor_for_tensor(trained, name):
     fixture = trained(name)
     reader = _reader(fixture)
@@ -79,7 +79,7 @@ def test_checkpoint_keys_are_deepspeeds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", ZERO_SAVED)
 def test_layout_detected(trained, name):
     spec = SPECS[name]
     layout = _reader(trained(name)).layout
