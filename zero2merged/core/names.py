@@ -26,6 +26,7 @@ MODULE = "module"  # the model-state file's module state dict (16-bit; empty ten
 SHARED_PARAMS = "shared_params"
 OPTIMIZER = "optimizer"  # ZeRO stage 0: the model-state file holds the optimizer's state itself
 FP32_GROUPS_FLAT = "fp32_groups_flat"  # ... and a 16-bit run's fp32 masters, one flat tensor per param group
+FP32_GROUPS = "fp32_groups"  # ... or (a raw engine, a torch optimizer) one fp32 tensor per param, per group
 DP_WORLD_SIZE = "dp_world_size"
 GLOBAL_STEPS = "global_steps"
 DS_CONFIG = "ds_config"
