@@ -26,7 +26,8 @@ itself must pass (the conversion was faithful to what it was given).
 
 Anything else is a failure, by class: ``hang`` (killed at the time limit), ``memory`` (peak RSS beyond the
 bound derived from the undamaged run's peak: :func:`memory_bound`), ``crash`` (killed by a signal),
-``traceback``, ``bad-exit`` (another exit code, or exit 2 without exactly one ``error:`` line),
+``traceback`` (or the command line's one-line ``internal error:``, exit 3, that stands in for one), ``bad-exit``
+(another exit code, or exit 2 without exactly one ``error:`` line),
 ``output-left-behind`` and ``silent-difference`` (exit 0 with an output that differs).
 """
 
@@ -1394,7 +1395,8 @@ class Harness:
             )
         if run.returncode < 0:
             return outcome("crash", f"killed by {signal.Signals(-run.returncode).name}")
-        if "Traceback (most recent call last)" in run.stderr:
+        internal = run.returncode == 3 and lines[-1:] and lines[-1].startswith("internal error: ")
+        if "Traceback (most recent call last)" in run.stderr or internal:  # the CLI's backstop says it in one line
             last = lines[-1] if lines else ""
             return outcome("traceback", f"exit {run.returncode}: {last[:300]}")
         expected = before | {".logs"}

@@ -77,6 +77,71 @@ def test_usage_error_exit_2(tmp_path):
     assert both.exit_code == 2 and "apply to the streaming conversion" in both.stderr
 
 
+def _a_tag(tmp_path):
+    """A folder that resolves to a tag (``latest`` and its folder): enough to reach the first stage."""
+    run = tmp_path / "run"
+    (run / "global_step1").mkdir(parents=True)
+    (run / "latest").write_text("global_step1")
+    return run
+
+
+def _raise_internal(*args, **kwargs):
+    raise ValueError("a param table of 3 groups for 4 groups of masters\n  and a second line")
+
+
+def test_an_internal_error_is_one_line_exit_3_and_leaves_nothing(tmp_path, monkeypatch):
+    """A stage that raises something other than the library's errors (a bug, or a checkpoint it does not
+    understand) stops in one line naming the exception, exit code 3, no traceback, nothing left behind."""
+    from zero2merged.stages.inspect import Inspect
+
+    monkeypatch.setattr(Inspect, "run", _raise_internal)
+    output = tmp_path / "out"
+    result = _run("convert", _a_tag(tmp_path), "-o", output)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == [
+        "internal error: ValueError: a param table of 3 groups for 4 groups of masters (this is a bug in "
+        "zero2merged, or a checkpoint it does not understand; rerun with --debug for the traceback and report it)"
+    ]
+    assert "Traceback" not in result.output and not result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no work directory
+
+
+def test_an_internal_error_in_another_command_is_one_line_too(tmp_path, monkeypatch):
+    monkeypatch.setattr("zero2merged.stages.inspect.inspect_checkpoint", _raise_internal)
+    result = _run("inspect", _a_tag(tmp_path))
+    assert result.exit_code == 3 and result.stderr.startswith("internal error: ValueError: a param table")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_an_internal_errors_traceback(tmp_path, monkeypatch, where):
+    from zero2merged.stages.inspect import Inspect
+
+    monkeypatch.setattr(Inspect, "run", _raise_internal)
+    args = ["convert", _a_tag(tmp_path), "-o", tmp_path / "out"]
+    result = _run(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert isinstance(result.exception, ValueError) and "internal error" not in result.output
+
+
+def test_a_library_error_keeps_exit_2_and_clicks_exit_its_code(tmp_path, monkeypatch):
+    from zero2merged.core.errors import CheckpointError
+    from zero2merged.stages.inspect import Inspect
+
+    def refuse(self):
+        raise CheckpointError("the rank file lacks its param table")
+
+    monkeypatch.setattr(Inspect, "run", refuse)
+    run = _a_tag(tmp_path)
+    refused = _run("convert", run, "-o", tmp_path / "out")
+    assert refused.exit_code == 2 and refused.stderr == "error: the rank file lacks its param table\n"
+
+    def leave(self):
+        raise click.exceptions.Exit(5)  # click's own way out, a RuntimeError: not an internal error
+
+    monkeypatch.setattr(Inspect, "run", leave)
+    assert _run("convert", run, "-o", tmp_path / "out").exit_code == 5
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_device_without_cuda_is_refused_in_one_line(tmp_path):
     result = _run("convert", tmp_path, "-o", tmp_path.parent / "out", "--device", "cuda")

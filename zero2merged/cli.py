@@ -1,9 +1,11 @@
 """The ``zero2merged`` command: a thin click layer over the library.
 
-Exit codes: 0 success, 1 verification failed, 2 bad input or usage. A user error prints one line
-(``error: …``) and no traceback unless ``--debug`` is given. The options are named as the fields of
-:class:`~zero2merged.core.options.Source` and :class:`~zero2merged.core.options.ConvertOptions`, and handed to the
-library as they are. Nothing heavy is imported until a command runs (``--help`` and ``--version`` are quick).
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 an internal error. A user error prints
+one line (``error: …``) and no traceback unless ``--debug`` is given; so does any other exception, as
+``internal error: …`` (a bug, or a checkpoint zero2merged does not understand). The options are named as the
+fields of :class:`~zero2merged.core.options.Source` and :class:`~zero2merged.core.options.ConvertOptions`, and
+handed to the library as they are. Nothing heavy is imported until a command runs (``--help`` and ``--version``
+are quick).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ import sys
 
 import click
 
-from zero2merged.core.errors import VerificationError, Zero2MergedError
+from zero2merged.core.errors import VerificationError, Zero2MergedError, first_line
 from zero2merged.core.options import MERGE_INTO, OUTPUT_DTYPES
+
+INTERNAL_ERROR_EXIT = 3  # 1: a verification failed, 2: bad input or usage
+INTERNAL_ERROR_HINT = (
+    "this is a bug in zero2merged, or a checkpoint it does not understand; rerun with --debug for the traceback "
+    "and report it"
+)
 
 # -q, -v and --debug: one definition, taken before the command (``zero2merged -q convert …``) and after it
 # (``zero2merged convert … -q``), as people type them. Each only notes that it was given, in the root
@@ -66,8 +74,9 @@ class _Command(click.Command):
 
 
 class _Group(click.Group):
-    """Turns the library's errors into one line and an exit code, and a scheduler's SIGTERM or a Ctrl-C into a
-    clean stop (the running stage's half-written files removed, the finished stages kept)."""
+    """Turns the library's errors into one line and an exit code, any other exception into one line and exit
+    code 3, and a scheduler's SIGTERM or a Ctrl-C into a clean stop (the running stage's half-written files
+    removed, the finished stages kept)."""
 
     command_class = _Command
 
@@ -109,6 +118,13 @@ class _Group(click.Group):
             )
             click.echo(f"interrupted ({signal.Signals(signum).name}): {then}", err=True)
             ctx.exit(128 + signum)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own ways out (Exit is a RuntimeError)
+        except Exception as e:  # noqa: BLE001 - the backstop: one line, never the traceback, unless --debug
+            if _flag(ctx, "debug"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {first_line(e)} ({INTERNAL_ERROR_HINT})", err=True)
+            ctx.exit(INTERNAL_ERROR_EXIT)
 
 
 def _configure_output(debug: bool, verbosity: int) -> None:

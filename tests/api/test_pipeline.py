@@ -112,6 +112,27 @@ def test_second_run_on_a_busy_work_directory_stops(trained, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+def test_a_run_that_finds_its_new_work_directory_taken_leaves_it_to_the_other(trained, tmp_path, monkeypatch):
+    """Two runs on one output with the default work directory, started together: both find it absent, the
+    other creates and locks it first. The run refused must not remove it (it is the other's, in use)."""
+    fixture = trained("engine-z2-bf16")
+    work = tmp_path / "merged.zero2merged-work"
+    real_mkdir, held = type(work).mkdir, []
+
+    def mkdir(self, *args, **kwargs):
+        if self == work and not held:  # the other run gets there between our look and our mkdir
+            real_mkdir(self)
+            held.append(open(work / "lock", "w"))  # noqa: SIM115 - held to the test's end
+            fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(work), "mkdir", mkdir)
+    with pytest.raises(OutputError, match="in use by another zero2merged run"):
+        zero2merged.convert(fixture.checkpoint, tmp_path / "merged")
+    assert (work / "lock").is_file()  # the other run's, left as it was
+    held[0].close()
+
+
 def test_rank_zero_converts_and_every_rank_gets_the_report(trained, tmp_path):
     fixture = trained("engine-z3-bf16")
     script = tmp_path / "job.py"

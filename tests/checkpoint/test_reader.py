@@ -73,6 +73,7 @@ def test_checkpoint_keys_are_deepspeeds():
         "FROZEN_PARAM_SHAPES",
         "FROZEN_PARAM_FRAGMENTS",
         "DS_VERSION",
+        "FP32_GROUPS",
     ]
     for key in restated:
         assert getattr(names, key) == getattr(constants, key), key

@@ -314,9 +314,9 @@ KILLER = textwrap.dedent("""
                 die()
         safetensors_writer.Writer.close = close
     elif point == "save":  # the output written and verified beside its place, not yet renamed
-        def replace_dir(staged, final):
+        def place(staged, final):
             die()
-        save.replace_dir = replace_dir
+        save.place = place
     zero2merged.convert(checkpoint, output, max_shard_size="60KB")
 """)
 

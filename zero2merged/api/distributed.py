@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from zero2merged.core.errors import Zero2MergedError
+from zero2merged.core.errors import Zero2MergedError, first_line
 from zero2merged.stages.workers import write_share
 
 
@@ -101,7 +101,8 @@ def _lead(work, channel: Channel) -> Any:
     except Zero2MergedError as e:
         outcome, error = ("error", e), e
     except BaseException as e:
-        outcome, error = ("error", Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {e}")), e
+        failed = Zero2MergedError(f"conversion failed on rank 0: {type(e).__name__}: {first_line(e)}")
+        outcome, error = ("error", failed), e
     dist.broadcast_object_list([outcome], src=0, group=channel.group)
     if error is not None:
         raise error
@@ -120,7 +121,7 @@ def _serve(group, rank: int) -> Any:
         try:
             result = ("ok", write_share(value[rank - 1]))
         except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the conversion
-            result = ("error", f"rank {rank} failed writing its shards: {type(e).__name__}: {e}")
+            result = ("error", f"rank {rank} failed writing its shards: {type(e).__name__}: {first_line(e)}")
         dist.gather_object(result, None, dst=0, group=group)
     if kind == "error":
         raise value

@@ -7,7 +7,6 @@ checks that ``PeftModel.from_pretrained`` on a fresh base gives back the trained
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ from zero2merged.core.errors import CheckpointError, VerificationError
 from zero2merged.core.options import Source
 from zero2merged.core.results import CheckpointInfo, Parity, RebuildResult
 from zero2merged.files.pickles import pickle_policy
+from zero2merged.files.staging import place, staging
 from zero2merged.model.base import load_base
-from zero2merged.model.modelfiles import files_in, fresh_dir, replace_dir
+from zero2merged.model.modelfiles import files_in
 from zero2merged.model.serving import carry_tokenizer
 from zero2merged.stages.inspect import inspect_checkpoint
 from zero2merged.stages.rebuild import resize_to_checkpoint
-from zero2merged.stages.save import check_output_free, partial_path
+from zero2merged.stages.save import check_output_free
 
 
 @dataclass
@@ -69,13 +69,9 @@ def _export(source: Source, output: Path) -> ExportReport:
                 "yet; zero2merged convert merges it into the 4-bit weights dequantized, as training saw them"
             )
         model, rebuilt = unmerged_model(info)
-    staged = fresh_dir(partial_path(output))
-    try:
+    with staging(output) as staged:  # a failed check, Ctrl-C, SIGTERM: nothing half-written is left beside it
         parity = _write_checked(info, model, rebuilt, staged)
-    except BaseException:  # a failed check, or Ctrl-C, SIGTERM: nothing half-written is left beside the output
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    replace_dir(staged, output)
+        place(staged, output)
     return ExportReport(
         output=str(output),
         checkpoint=info.checkpoint,

@@ -85,7 +85,7 @@ def _convert(source: Source, output: Path, options: ConvertOptions, channel) -> 
         output = output.expanduser().resolve()
         work = options.work_dir.resolve() if options.work_dir else output.with_name(output.name + names.WORK_SUFFIX)
         _check_paths(where.folder, output, work)
-        with _work_dir(work), _locked(work), FileHashes() as hashes:
+        with _work_dir(work), FileHashes() as hashes:
             runner = Runner(work, force=options.force, hashes=hashes, order=STAGES)
             if not _output_is_ours(runner.manifest, output):
                 check_output_free(output)  # up front, before any heavy work
@@ -146,7 +146,9 @@ def _stages(
 
 @contextlib.contextmanager
 def _work_dir(work: Path) -> Iterator[None]:
-    """Create ``work`` if needed; a first run that fails before any stage finished leaves nothing behind."""
+    """Create ``work`` if needed and hold its lock; a first run that fails before any stage finished leaves
+    nothing behind. Only the run holding the lock ever removes it: a second run on the same work directory
+    (two runs on one output, its default work directory) stops without touching the first's."""
     created = not work.exists()
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -155,19 +157,24 @@ def _work_dir(work: Path) -> Iterator[None]:
             f"cannot make the work directory {work}: {e.strerror or e}; pass --work-dir (or --output) somewhere "
             "you can write"
         ) from e
-    try:
-        yield
-    except BaseException:
-        stages = Manifest(work / names.MANIFEST).stages.values()
-        if created and not any(record.get("status") == "done" for record in stages):
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+    with _locked(work):
+        try:
+            yield
+        except BaseException:
+            stages = Manifest(work / names.MANIFEST).stages.values()
+            if created and not any(record.get("status") == "done" for record in stages):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
 def _locked(work_dir: Path) -> Iterator[None]:
     """Hold the work directory's lock: a second run on it stops instead of corrupting the first."""
-    with open(work_dir / names.LOCK, "a+") as lock:
+    try:
+        lock = open(work_dir / names.LOCK, "a+")  # noqa: SIM115 - held for the block
+    except OSError as e:  # the folder removed meanwhile (another run's that failed), or not writable
+        raise OutputError(f"cannot lock the work directory {work_dir}: {e.strerror or e}; run again") from e
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:

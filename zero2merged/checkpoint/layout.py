@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from zero2merged.checkpoint.saves import check_one_save
+from zero2merged.checkpoint.rankfiles import check_frozen, check_tables, model_states, optim_states
+from zero2merged.checkpoint.saves import check_archive_names, check_one_save
 from zero2merged.checkpoint.zero0 import as_shape, stage0_layout, training_dtype
 from zero2merged.core import names
 from zero2merged.core.errors import CheckpointError
 from zero2merged.core.results import ZeroLayout
-from zero2merged.files.pickles import load_pt
 
 
 def _rank_of(path: Path) -> int:
@@ -50,7 +50,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
     """
     model_files, optim_files = rank_files(tag_dir)
     if len(model_files) == 1 and not optim_files:
-        states = load_pt(model_files[0])
+        states = model_states(model_files[0])
         if isinstance(states.get(names.OPTIMIZER), dict):
             return stage0_layout(tag_dir, model_files[0], states)
     if not model_files or not optim_files:
@@ -59,13 +59,16 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"{tag_dir} holds no DeepSpeed ZeRO model/optimizer state files ({names.MODEL_STATES_GLOB}, "
             f"{names.OPTIM_STATES_GLOB}); found: {found}"
         )
-    states = load_pt(model_files[0])
-    optim = load_pt(optim_files[0]).get(names.OPTIMIZER_STATE_DICT, {})
-    if names.ZERO_STAGE not in optim or names.PARAM_SHAPES not in states:
-        raise CheckpointError(f"{tag_dir} is not a ZeRO checkpoint: no zero_stage in {optim_files[0].name}")
+    states = model_states(model_files[0])
+    if states.get(names.PARAM_SHAPES) is None:
+        raise CheckpointError(
+            f"{model_files[0]} holds no {names.PARAM_SHAPES} (the table of trained params): the file is damaged "
+            "or not a ZeRO model-state file"
+        )
+    optim = optim_states(optim_files[0])[names.OPTIMIZER_STATE_DICT]
     stage = int(optim[names.ZERO_STAGE])
     count = optim[names.PARTITION_COUNT]
-    world = max(count) if isinstance(count, list) else int(count)
+    world = max(count) if isinstance(count, (list, tuple)) else int(count)
     if len(optim_files) != world:
         raise CheckpointError(
             f"{tag_dir}: the checkpoint was split across {world} ranks but {len(optim_files)} optimizer "
@@ -78,7 +81,11 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"found {len(model_files)}"
         )
 
-    check_one_save(tag_dir, model_files, optim_files, states)
+    check_archive_names(tag_dir, [*model_files, *optim_files])
+    models = [(model_files[0], states), *((p, model_states(p)) for p in model_files[1:])]
+    optims = [(p, optim_states(p)) for p in optim_files]
+    check_one_save(tag_dir, [*models, *optims])
+    check_tables(tag_dir, models, optims)
     trainable = [{name: as_shape(s) for name, s in group.items()} for group in states[names.PARAM_SHAPES]]
     trainable_names = {name for group in trainable for name in group}
     buffer_names = set(states.get(names.BUFFER_NAMES) or [])
@@ -96,6 +103,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             if name not in trainable_names and name not in buffer_names and name not in quant_parts and t.numel() > 0
         }
         source = names.MODULE if frozen else None
+    check_frozen(models, frozen, source, quantized)
 
     return ZeroLayout(
         zero_stage=stage,

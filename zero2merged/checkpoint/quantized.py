@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from zero2merged.checkpoint.rankfiles import model_states
 from zero2merged.core import names
 from zero2merged.core.errors import CheckpointError, OptionError
 from zero2merged.core.results import CheckpointInfo
-from zero2merged.files.pickles import load_pt
 from zero2merged.files.safetensors_reader import Reader, RowChunks
 
 QUANT_STATE = ".quant_state.bitsandbytes__"  # the JSON of a 4-bit weight's settings, beside its packed bytes
@@ -117,7 +117,7 @@ def quant_state_tensors(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """The quant-state entries of the run's 4-bit weights (each rank's model-state file holds them whole)."""
     if not info.layout.quantized:
         return {}
-    module = load_pt(info.tag_dir / info.layout.model_files[0]).get(names.MODULE) or {}
+    module = model_states(info.tag_dir / info.layout.model_files[0]).get(names.MODULE) or {}
     return {
         key: tensor.contiguous()
         for key, tensor in module.items()

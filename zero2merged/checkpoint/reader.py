@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from zero2merged.checkpoint.rankfiles import MASTERS, model_states, optim_states, stage0_masters
 from zero2merged.core import names
 from zero2merged.core.dtypes import SHORT_NAMES
 from zero2merged.core.errors import CheckpointError
 from zero2merged.core.options import Tuning
 from zero2merged.core.results import ZeroLayout
-from zero2merged.files.pickles import load_pt, release
+from zero2merged.files.pickles import release
 from zero2merged.files.safetensors_writer import tensor_bytes
 from zero2merged.files.zipcheck import RecordCheck
 
@@ -90,7 +91,7 @@ class ZeroReader:
 
     @functools.cached_property
     def _model_states(self) -> list[dict]:
-        return [load_pt(self.tag_dir / name) for name in self.layout.model_files]
+        return [model_states(self.tag_dir / name) for name in self.layout.model_files]
 
     @functools.cached_property
     def _optim(self) -> tuple[list[list], list | None]:
@@ -98,17 +99,16 @@ class ZeroReader:
         :class:`_FlatView` of the group); and the ZeRO-1/2 per-param alignment paddings."""
         if self.layout.zero_stage == 0:  # in the model-state file (module's own tensors for an fp32 run)
             states = self._model_states[0]
-            optimizer, saved = states[names.OPTIMIZER], self.layout.saved_name
-            if names.FP32_GROUPS_FLAT in optimizer:  # a fused optimizer's: a flat tensor per group
-                return [[_FlatView([t.reshape(-1)]) for t in optimizer[names.FP32_GROUPS_FLAT]]], None
-            if names.FP32_GROUPS in optimizer:  # an unfused one's (a torch optimizer): a tensor per param
-                return [[_FlatView([t.reshape(-1) for t in group]) for group in optimizer[names.FP32_GROUPS]]], None
-            module = states[names.MODULE]
-            return [[_FlatView([module[saved(n)].reshape(-1) for n in group]) for group in self.layout.trainable]], None
-        key = names.FP32_FLAT_GROUPS if self.layout.zero_stage == 3 else names.SINGLE_PARTITION_OF_FP32_GROUPS
+            masters = stage0_masters(states)
+            if masters is None:
+                module, saved = states.get(names.MODULE) or {}, self.layout.saved_name
+                flats = [_FlatView([module[saved(n)].reshape(-1) for n in group]) for group in self.layout.trainable]
+                return [flats], None
+            return [[_FlatView(parts) for parts in masters]], None
+        key = MASTERS[self.layout.zero_stage]
         groups, paddings = [], None
         for rank, name in enumerate(self.layout.optim_files):
-            optim = load_pt(self.tag_dir / name)[names.OPTIMIZER_STATE_DICT]
+            optim = optim_states(self.tag_dir / name)[names.OPTIMIZER_STATE_DICT]
             groups.append([t.reshape(-1) for t in optim[key]])
             if rank == 0:
                 paddings = optim.get(names.PARAM_ALIGNMENT_PADDINGS)
@@ -148,7 +148,7 @@ class ZeroReader:
         if self.layout.frozen_source:
             saved = self._model_states[0][self.layout.frozen_source]
             specs.update({name: (saved[self._saved(name)].dtype, shape) for name, shape in self.layout.frozen.items()})
-        module = self._model_states[0][names.MODULE]
+        module = self._model_states[0].get(names.MODULE) or {}
         specs.update({name: (module[self._saved(name)].dtype, shape) for name, shape in self.layout.buffers.items()})
         return specs
 
@@ -190,7 +190,7 @@ class ZeroReader:
         from the masters (so each master rounds to its copy exactly, on every fixture and GPU checkpoint)."""
         if self.layout.zero_stage not in (1, 2):
             return {}
-        module = self._model_states[0][names.MODULE]
+        module = self._model_states[0].get(names.MODULE) or {}
         shapes = self.layout.trainable_shapes
         return {
             name: module[saved].reshape(-1)
@@ -222,7 +222,7 @@ class ZeroReader:
         else:
             yield from self._zero12_trainable(masters, paddings)
         yield from self._frozen()
-        module = self._model_states[0][names.MODULE]
+        module = self._model_states[0].get(names.MODULE) or {}
         for name in self.layout.buffers:
             yield name, 0, module[self._saved(name)].reshape(-1)
 
@@ -256,7 +256,7 @@ class ZeroReader:
             for i, (name, shape) in enumerate(shapes.items()):
                 entries.append((name, shape, offset))
                 offset += math.prod(shape) + (paddings[g][i] if paddings else 0)
-            if math.ceil(offset / align) != math.ceil(flat.numel / align):
+            if flat.numel < offset or math.ceil(offset / align) != math.ceil(flat.numel / align):
                 raise self._mismatch(f"{offset} (group {g})", flat.numel)
             plan.append((flat, entries))
         for flat, entries in plan:

@@ -4,31 +4,41 @@ rerun that wrote over part of a tag) is refused, naming the file that does not b
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+import torch
+
 from zero2merged.core import names
 from zero2merged.core.errors import CheckpointError
-from zero2merged.files.pickles import load_pt
 from zero2merged.files.zipcheck import archive_name
 
 
-def check_one_save(tag_dir: Path, model_files: list[Path], optim_files: list[Path], states: dict) -> None:
-    """The rank files must be one save's: each holds the archive ``torch.save`` wrote under its name (a rank
-    file renamed, or copied over another, holds another's), and all agree on the DeepSpeed config, the step
-    and the optimizer's step count. Files of another tag or run with the same shapes would otherwise be
+def check_archive_names(tag_dir: Path, files: list[Path]) -> None:
+    """Each rank file holds the archive ``torch.save`` wrote under its name: a rank file renamed, or copied
+    over another, holds another's (read from the zip directory alone, before the file is unpickled).
+
+    Raises:
+        CheckpointError: naming the file that is not of this save.
+    """
+    for path in files:
+        saved_as = archive_name(path)
+        if saved_as is not None and _rank_file_kind(saved_as) not in (None, _rank_file_kind(path.stem)):
+            raise _not_this_save(tag_dir, path, f"it holds the archive torch.save wrote as {saved_as}.pt")
+
+
+def check_one_save(tag_dir: Path, files: list[tuple[Path, dict]]) -> None:
+    """The rank files (each with what it holds) must be one save's: all agree on the DeepSpeed config, the
+    step and the optimizer's step count. Files of another tag or run with the same shapes would otherwise be
     read as this save's parts (the fuzzer swaps them). ZeRO-1/2 masters are also held to their 16-bit copies
     as they are read (:meth:`ZeroReader.pieces`).
 
     Raises:
         CheckpointError: naming the file that is not of this save, and what gave it away.
     """
-    for path in [*model_files, *optim_files]:
-        saved_as = archive_name(path)
-        if saved_as is not None and _rank_file_kind(saved_as) not in (None, _rank_file_kind(path.stem)):
-            raise _not_this_save(tag_dir, path, f"it holds the archive torch.save wrote as {saved_as}.pt")
     first: dict[str, tuple[Path, object]] = {}
-    for path, data in [(model_files[0], states), *((p, load_pt(p)) for p in [*model_files[1:], *optim_files])]:
+    for path, data in files:
         for what, value in _signature(data).items():
             seen = first.setdefault(what, (path, value))
             if value != seen[1]:
@@ -54,8 +64,18 @@ def _optimizer_step(data: dict) -> int | None:
             inner = inner[0]
         state = inner.get("state") if isinstance(inner, dict) else None
         if isinstance(state, dict):
-            steps = [int(v["step"]) for v in state.values() if isinstance(v, dict) and "step" in v]
-            return max(steps, default=None)
+            steps = [_count(v.get("step")) for v in state.values() if isinstance(v, dict)]
+            return max((step for step in steps if step is not None), default=None)
+    return None
+
+
+def _count(step) -> int | None:
+    """A step count as Adam keeps it (an int, or a one-element tensor); None for anything else: the moments'
+    bookkeeping is not read otherwise, so a damaged one only does not take part in the comparison."""
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step):
+        return int(step)
     return None
 
 

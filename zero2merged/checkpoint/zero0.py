@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from zero2merged.checkpoint.naming import trained_by_peft_anywhere
+from zero2merged.checkpoint.rankfiles import check_frozen, stage0_masters
 from zero2merged.core import names
 from zero2merged.core.dtypes import SHORT_NAMES
 from zero2merged.core.errors import CheckpointError
@@ -32,32 +33,24 @@ def stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
     module = states.get(names.MODULE) or {}
     buffer_names = set(states.get(names.BUFFER_NAMES) or [])
     candidates = [name for name in module if name not in buffer_names and trained_by_peft_anywhere(name)]
-    optimizer, dtype = states[names.OPTIMIZER], training_dtype(model_file, states, module)
-    if names.FP32_GROUPS_FLAT in optimizer:  # a fused optimizer (DeepSpeed's, from the config's "optimizer")
-        masters = [m.reshape(-1) for m in optimizer[names.FP32_GROUPS_FLAT]]
-        trainable = _match_masters(model_file, masters, module, candidates)
-    elif names.FP32_GROUPS in optimizer:  # an unfused one (a torch optimizer the script made): a tensor per param
-        groups = optimizer[names.FP32_GROUPS]
-        masters = [torch.cat([m.reshape(-1) for m in group]) if group else torch.empty(0) for group in groups]
-        trainable = _match_masters(model_file, masters, module, candidates)
-    elif dtype == "fp32":  # the masters are module's own tensors
+    masters = stage0_masters(states)
+    if masters is None:  # fp32: the masters are module's own tensors
+        _check_fp32(model_file, states[names.OPTIMIZER], module, candidates)
         trainable = [{name: as_shape(module[name].shape) for name in candidates}]
-    else:
-        raise CheckpointError(
-            f"{model_file}: a ZeRO stage 0 save of a {dtype} run, but its optimizer state holds no fp32 masters "
-            f"({names.FP32_GROUPS_FLAT} or {names.FP32_GROUPS}; found: {', '.join(map(str, optimizer)) or 'nothing'}); "
-            "this DeepSpeed optimizer's layout is not one zero2merged reads"
-        )
+    else:  # a 16-bit run: its masters are small (LoRA's), so each group is matched as one tensor
+        flats = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in masters]
+        trainable = _match_masters(model_file, flats, module, candidates)
     trained = {name for group in trainable for name in group}
     frozen = {
         name: as_shape(t.shape)
         for name, t in module.items()
         if name not in trained and name not in buffer_names and t.numel() > 0
     }
+    check_frozen([(model_file, states)], frozen, names.MODULE, {})
     return ZeroLayout(
         zero_stage=0,
         world_size=int(states.get(names.DP_WORLD_SIZE) or 1),
-        dtype=dtype,
+        dtype=training_dtype(model_file, states, module),
         ds_version=states.get(names.DS_VERSION),
         global_step=states.get(names.GLOBAL_STEPS),
         trainable=trainable,
@@ -68,6 +61,24 @@ def stage0_layout(tag_dir: Path, model_file: Path, states: dict) -> ZeroLayout:
         model_files=[model_file.name],
         optim_files=[],
     )
+
+
+def _check_fp32(model_file: Path, optimizer: dict, module: dict, candidates: list[str]) -> None:
+    """A save whose optimizer state holds no masters is a run in fp32: its trained params' own tensors are
+    the masters. A 16-bit run's masters in a layout not read here would otherwise be taken from its 16-bit
+    copies, with no word said.
+
+    Raises:
+        CheckpointError: the trained params are 16-bit.
+    """
+    dtypes = {module[name].dtype for name in candidates} - {torch.float32}
+    if dtypes:
+        found = ", ".join(sorted(str(key) for key in optimizer)[:8]) or "nothing"
+        raise CheckpointError(
+            f"{model_file}: a ZeRO stage 0 save of a {SHORT_NAMES.get(dtypes.pop(), '16-bit')} run whose optimizer "
+            f"state holds its fp32 masters in a layout zero2merged does not read (no {names.FP32_GROUPS_FLAT} or "
+            f"{names.FP32_GROUPS}; it holds {found}): please report it with the DeepSpeed version and optimizer used"
+        )
 
 
 def _match_masters(

@@ -1,6 +1,7 @@
 """The few exceptions zero2merged raises. Each message is one line: what is wrong, where, what to do.
 
-The CLI maps :class:`VerificationError` to exit code 1 and every other :class:`Zero2MergedError` to 2.
+The CLI maps :class:`VerificationError` to exit code 1 and every other :class:`Zero2MergedError` to 2; any
+other exception (a bug, or a checkpoint not understood) it shows in one line too, with exit code 3.
 """
 
 

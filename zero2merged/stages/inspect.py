@@ -339,7 +339,11 @@ class Inspect(Stage[CheckpointInfo]):
             "tag": self.where.tag,
             # the rank files by name, size and mtime: the later stages read them too
             "files": files_stat([p for p in tag_dir.iterdir() if p.is_file()]),
-            "options": {**self.source.inference, "peft_model": self.source.peft_model, "adapter": self.source.adapter_name},
+            "options": {
+                **self.source.inference,
+                "peft_model": self.source.peft_model,
+                "adapter": self.source.adapter_name,
+            },
             "adapter_config": files_stat(
                 [
                     *(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zero2merged.core.errors import AdapterConfigError, BaseModelError, first_line
+from zero2merged.core.errors import AdapterConfigError, BaseModelError, CheckpointError, first_line
 from zero2merged.core.results import CheckpointInfo, RebuildResult, ResizedVocab
 from zero2merged.model.base import (
     base_config,
@@ -172,7 +172,10 @@ def resize_to_checkpoint(base, info: CheckpointInfo) -> ResizedVocab | None:
     if not rows or rows == {current}:
         return None
     if len(rows) > 1:
-        raise BaseModelError(f"the checkpoint's embeddings disagree on the vocabulary size ({sorted(rows)})")
+        raise CheckpointError(
+            f"{info.tag_dir / info.layout.model_files[0]}: the checkpoint's embeddings disagree on the vocabulary "
+            f"size (its shape tables give {', '.join(map(str, sorted(rows)))} rows): the file is damaged"
+        )
     target = rows.pop()
     base.resize_token_embeddings(target, mean_resizing=False)
     return ResizedVocab(base_rows=current, rows=target, modules=modules)

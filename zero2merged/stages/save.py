@@ -1,9 +1,11 @@
 """Stage 6, save: the merged model as ``save_pretrained`` writes it, verified before it is put in place.
 
-The model is assembled beside the output (``.<name>.zero2merged-partial``) in the chosen dtype, sharded with
-an index, tied weights written once, with the tokenizer, chat template, generation config (their special token
-ids made to agree: see :mod:`zero2merged.model.serving`) and model card, and renamed into place only once verified:
-the output folder never holds a model that looks complete but is not.
+The model is assembled beside the output, in a staging folder of this run's own
+(``.<name>.zero2merged-partial-<pid>-<random>``: :mod:`zero2merged.files.staging`), in the chosen dtype, sharded
+with an index, tied weights written once, with the tokenizer, chat template, generation config (their special
+token ids made to agree: see :mod:`zero2merged.model.serving`) and model card, and renamed into place only once
+verified: the output folder never holds a model that looks complete but is not, nor two runs' files mixed (a
+run that finds the output taken by another when it gets there stops in one line).
 
 Streaming (:func:`publish`), stage 5 already wrote the weights and configs: they are hard-linked in and
 checked against the model the plain Auto class builds from the saved config. In memory (:func:`save`),
@@ -28,8 +30,9 @@ from zero2merged.core.dtypes import TORCH_DTYPES
 from zero2merged.core.errors import OutputError, VerificationError
 from zero2merged.core.results import CheckpointInfo, MergeResult, Parity, RebuildResult, SaveResult, Served
 from zero2merged.files.safetensors_reader import Reader
+from zero2merged.files.staging import place, staging, staging_path
 from zero2merged.model.base import load_base, saved_dtypes
-from zero2merged.model.modelfiles import check_complete, files_in, fresh_dir, replace_dir
+from zero2merged.model.modelfiles import check_complete, files_in
 from zero2merged.model.serving import generation_config_sources, serve
 from zero2merged.running import modelcard
 from zero2merged.running.manifest import files_stat
@@ -68,6 +71,7 @@ class Save(Stage[SaveResult]):
     ):
         self.info, self.rebuilt, self.merged, self.work_dir, self.output = info, rebuilt, merged, work_dir, output
         self.dtype, self.max_shard_size, self.streaming = dtype, max_shard_size, streaming
+        self.staged = staging_path(output)  # this run's own
 
     def inputs(self) -> dict:
         return {
@@ -88,7 +92,7 @@ class Save(Stage[SaveResult]):
         return files_in(self.output)
 
     def scratch(self) -> list[Path]:
-        return [partial_path(self.output)]
+        return [self.staged]
 
     def run(self) -> SaveResult:
         check_output_free(self.output)
@@ -106,6 +110,7 @@ class Save(Stage[SaveResult]):
                 dtype=self.dtype,
                 info=self.info,
                 card=card,
+                staged=self.staged,
             )
         return save(
             self.work_dir,
@@ -115,6 +120,7 @@ class Save(Stage[SaveResult]):
             max_shard_size=self.max_shard_size,
             info=self.info,
             card=card,
+            staged=self.staged,
         )
 
 
@@ -122,11 +128,6 @@ def check_output_free(output: Path) -> None:
     """Raise unless ``output`` is absent or an empty folder: an output is never overwritten."""
     if output.is_dir() and any(output.iterdir()):
         raise OutputError(f"the output {output} is not empty (never overwritten); choose a new --output or empty it")
-
-
-def partial_path(output: Path) -> Path:
-    """Where the output is written before it is verified (same filesystem, so the rename is atomic)."""
-    return output.with_name(f".{output.name}{names.PARTIAL_SUFFIX}")
 
 
 def save(
@@ -138,6 +139,7 @@ def save(
     max_shard_size: int,
     info: CheckpointInfo,
     card: Callable[[Parity | None, Served], str],
+    staged: Path | None = None,
 ) -> SaveResult:
     """Stage 6 (in memory): write the merged model to ``output`` in ``dtype``; verify; move into place.
 
@@ -149,27 +151,28 @@ def save(
         max_shard_size: Largest shard, e.g. ``"5GB"``.
         info: Stage 1's result (the run's and the base's folders, for the serving files).
         card: The model card's text, given this stage's parity figures and the serving files' sources.
+        staged: This run's staging folder (default: a new one).
 
     Returns:
         What was written, with the parity of the saved model with the fp32 merge.
 
     Raises:
         VerificationError: the reloaded model differs from what was written or from the merge.
+        OutputError: another run put a model at ``output`` first.
     """
     model = load_base(auto_class, str(work_dir / names.MERGED), TORCH_DTYPES[dtype])
-    staged = fresh_dir(partial_path(output))
-    model.save_pretrained(staged, max_shard_size=max_shard_size)
-    served = serve(staged, info.checkpoint, info.base_model)
+    with staging(output, staged) as staged:
+        model.save_pretrained(staged, max_shard_size=max_shard_size)
+        served = serve(staged, info.checkpoint, info.base_model)
 
-    probes = load_file(work_dir / names.PROBES)
-    reference = probes.pop("merged")
-    probes.pop("unmerged")
-    routes = routes_from_tensors(probes)
-    parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference, routes)
-    parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
-    (staged / names.MODEL_CARD).write_text(card(parity, served))
-
-    replace_dir(staged, output)
+        probes = load_file(work_dir / names.PROBES)
+        reference = probes.pop("merged")
+        probes.pop("unmerged")
+        routes = routes_from_tensors(probes)
+        parity = _check_reload(staged, model, auto_class, TORCH_DTYPES[dtype], probes, reference, routes)
+        parity.check(SAVE_TOLERANCES[dtype], f"the saved {dtype} model vs the fp32 merge")
+        (staged / names.MODEL_CARD).write_text(card(parity, served))
+        place(staged, output)
     return _written(output, dtype, served, parity)
 
 
@@ -181,6 +184,7 @@ def publish(
     dtype: str,
     info: CheckpointInfo,
     card: Callable[[Parity | None, Served], str],
+    staged: Path | None = None,
 ) -> SaveResult:
     """Stage 6 (streaming): put the model files stage 5 wrote in place, with the tokenizer, verified.
 
@@ -189,19 +193,23 @@ def publish(
     the meta device), and the files hold exactly its weights (tied ones once), shapes and dtype as declared,
     every one where the index says. Stage 5 already checked each merged layer's outputs and wrote the bytes.
 
+    Args:
+        staged: This run's staging folder (default: a new one).
+
     Returns:
         What was written, and where its serving files came from.
 
     Raises:
         VerificationError: the files do not describe a model the Auto class loads without complaint.
+        OutputError: another run put a model at ``output`` first.
     """
-    staged = fresh_dir(partial_path(output))
-    for file in files_in(work_dir / names.MERGED):
-        _link_or_copy(file, staged / file.name)
-    served = serve(staged, info.checkpoint, info.base_model)
-    _check_structure(staged, auto_class, TORCH_DTYPES[dtype])
-    (staged / names.MODEL_CARD).write_text(card(None, served))
-    replace_dir(staged, output)
+    with staging(output, staged) as staged:
+        for file in files_in(work_dir / names.MERGED):
+            _link_or_copy(file, staged / file.name)
+        served = serve(staged, info.checkpoint, info.base_model)
+        _check_structure(staged, auto_class, TORCH_DTYPES[dtype])
+        (staged / names.MODEL_CARD).write_text(card(None, served))
+        place(staged, output)
     return _written(output, dtype, served, None)
 
 
