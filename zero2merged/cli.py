@@ -354,3 +354,56 @@ def export_adapter(checkpoint, output, as_json, **source) -> None:
             f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
             f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}"
         )
+
+
+@main.command()
+@json_option
+def env(as_json) -> None:
+    """Show the versions of Python and the libraries zero2merged runs with, each against the versions it
+    supports, and whether CUDA is visible: the lines to paste into a bug report.
+
+    A library below its supported range stops convert, verify, export-adapter and inspect with one line; one
+    newer than tested still runs (it is untested, not known to be broken).
+
+    \b
+    Example:
+        pip install --no-deps zero2merged && zero2merged env
+    """
+    from zero2merged.core.environment import python_line, statuses
+
+    found = statuses()
+    cuda = _cuda()
+    if as_json:
+        libraries = {s.library.name: {"version": s.version, "verdict": s.verdict, "supported": s.library.spec}
+                     for s in found}  # fmt: skip
+        data = {"zero2merged": _own_version(), "python": sys.version.split()[0], "libraries": libraries, "cuda": cuda}
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'zero2merged':13} {_own_version()}")
+    click.echo(python_line())
+    for status in found:
+        click.echo(status.line())
+    click.echo(f"{'CUDA':13} {cuda}")
+    refused = [s for s in found if s.refused]
+    if refused:
+        names = ", ".join(f"{s.library.name} ({s.verdict})" for s in refused)
+        click.echo(f"not supported: {names}: convert, verify and export-adapter will refuse to run", err=True)
+
+
+def _own_version() -> str:
+    from zero2merged import __version__
+
+    return __version__
+
+
+def _cuda() -> str:
+    """Whether torch sees CUDA devices (torch imported here: a few seconds)."""
+    try:
+        import torch
+    except ImportError:
+        return "unknown (torch is not installed)"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        return f"not visible (torch {torch.__version__}: {build})"
+    names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    return f"{torch.cuda.device_count()} device(s) visible: {', '.join(names)} (CUDA {torch.version.cuda})"
