@@ -1,7 +1,7 @@
-# zero2merged: make install | test | test-fast | fuzz | lint | format | demo | bench | bench-large | clean
+# zero2merged: make install | test | test-oldest | test-fast | fuzz | lint | format | demo | bench | bench-large | clean
 PYTHON ?= python3
 
-.PHONY: install test test-fast fuzz lint format demo bench bench-large clean
+.PHONY: install test test-oldest test-fast fuzz lint format demo bench bench-large clean
 
 # torch first, pinned to the CPU build: an unpinned torch (asked for by deepspeed or peft) would pull a
 # multi-GB CUDA build on a machine that has none.
@@ -13,6 +13,29 @@ install:
 # DeepSpeed checkpoints included.
 test: install lint
 	$(PYTHON) -m pytest
+
+# The oldest supported stack (constraints-oldest.txt: torch 2.6.0, transformers 4.56.2, PEFT 0.17.1, DeepSpeed
+# 0.17.6, ...) in a venv of its own, zero2merged installed into it with --no-deps as into a training job's
+# environment; made again when the pins change. Then: the fast suite there; the Trainer callback and
+# export_engine inside a training job of that stack; and checkpoints trained by each stack converted by both,
+# each judged against DeepSpeed's consolidation + PEFT's merge in the stack that trained it (-m oldest).
+OLDEST := build/oldest
+OLDEST_PYTHON := $(OLDEST)/bin/python
+
+$(OLDEST)/made: constraints-oldest.txt
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST_PYTHON) -m pip install -q -c constraints-oldest.txt torch setuptools wheel
+	$(OLDEST_PYTHON) -m pip install -q --no-build-isolation -c constraints-oldest.txt \
+		transformers peft accelerate safetensors deepspeed packaging click tqdm pytest
+	$(OLDEST_PYTHON) -m pip install -q --no-deps -e .
+	$(OLDEST_PYTHON) -m zero2merged env
+	touch $@
+
+test-oldest: install $(OLDEST)/made
+	$(OLDEST_PYTHON) -m pytest -q -m "not slow"
+	$(OLDEST_PYTHON) -m pytest -q tests/api/test_integrations.py
+	ZERO2MERGED_OLDEST_PYTHON=$(abspath $(OLDEST_PYTHON)) $(PYTHON) -m pytest -q -m oldest
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow"

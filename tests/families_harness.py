@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fixtures.families import Family, tiny_config
+from fixtures.families import Family, lora_for, tiny_config
 from zero2merged.core.results import CheckpointInfo, ZeroLayout
 
 DTYPE = torch.bfloat16
@@ -25,7 +25,7 @@ def build(family: Family, root: Path, seed: int = 0):
     torch.manual_seed(seed)
     auto = getattr(transformers, family.auto_class)
     auto.from_config(tiny_config(family), dtype=DTYPE).save_pretrained(root / "base")
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **family.lora)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_for(family))
     model = get_peft_model(auto.from_pretrained(root / "base", dtype=torch.float32), config)
     trained = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     config.save_pretrained(root / "adapter")

@@ -69,10 +69,31 @@ def reference_model(fixture: Fixture):
 
 def as_saved(model) -> dict[str, torch.Tensor]:
     """The model's tensors named and shaped as ``save_pretrained`` writes them (transformers' own reversal of
-    the conversion mapping it loaded the model with: fused experts split again, renamed heads, ...)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
+    the conversion mapping it loaded the model with: fused experts split again, renamed heads, ...). Under
+    transformers 4, which has no such mapping, the renaming its ``save_pretrained`` does in place: a
+    vision-language class's ``_checkpoint_conversion_mapping`` reverted, the first pattern that matches."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {_saved_name_4(model, name): tensor.detach() for name, tensor in model.state_dict().items()}
     return {name: tensor.detach() for name, tensor in revert_weight_conversion(model, model.state_dict()).items()}
+
+
+def _saved_name_4(model, name: str) -> str:
+    """transformers 4's ``save_pretrained`` (modeling_utils, 4.56): for classes named in its ``VLMS``, each
+    ``{pattern: target}`` of ``_checkpoint_conversion_mapping`` applied as ``target -> pattern`` with the
+    pattern's ``^`` and groups dropped."""
+    import re
+
+    from transformers.modeling_utils import VLMS
+
+    if not any(vlm in cls.__name__.lower() for cls in type(model).__mro__[:-1] for vlm in VLMS):
+        return name
+    for pattern, target in model._checkpoint_conversion_mapping.items():
+        name, count = re.subn(target, re.sub(r"\(.*\)", "", pattern.lstrip("^")), name)
+        if count:
+            break
+    return name
 
 
 def tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:

@@ -23,7 +23,8 @@ def _page_id(page: Path) -> str:
 
 
 def _fenced_blocks(page: Path) -> list[str]:
-    return re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S)
+    """The page's code blocks, but those marked ```text: what a command prints, not what is typed."""
+    return [body for kind, body in re.findall(r"```([a-z]*)\n(.*?)```", page.read_text(), flags=re.S) if kind != "text"]
 
 
 def _command_lines(page: Path) -> list[str]:

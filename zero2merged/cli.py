@@ -4,8 +4,7 @@ Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 an interna
 one line (``error: …``) and no traceback unless ``--debug`` is given; so does any other exception, as
 ``internal error: …`` (a bug, or a checkpoint zero2merged does not understand). The options are named as the
 fields of :class:`~zero2merged.core.options.Source` and :class:`~zero2merged.core.options.ConvertOptions`, and
-handed to the library as they are. Nothing heavy is imported until a command runs (``--help`` and ``--version``
-are quick).
+handed to the library as they are. Nothing heavy is imported until a command runs (``--help`` is quick).
 """
 
 from __future__ import annotations
@@ -377,3 +376,25 @@ def export_adapter(checkpoint, output, as_json, **source) -> None:
             f"{report.checkpoint} [{report.tag}] -> {report.output}: {report.tensors} trained tensors in "
             f"{', '.join(report.files)}; reloaded with PEFT, max abs diff {report.parity['max_abs_diff']:.3g}"
         )
+
+
+@main.command()
+@json_option
+def env(as_json) -> None:
+    """Show the versions of Python and the libraries zero2merged runs with, each against the versions it
+    supports, and whether CUDA is visible: the lines to paste into a bug report. A library below its range
+    stops the other commands in one line; one newer than tested runs (untested, not known to be broken).
+
+    \b
+    Example:
+        pip install --no-deps zero2merged && zero2merged env
+    """
+    from zero2merged.running.environment import environment_lines, environment_record
+
+    if as_json:
+        click.echo(json.dumps(environment_record(), indent=2))
+        return
+    lines, refused = environment_lines()
+    click.echo("\n".join(lines))
+    if refused:
+        click.echo(f"not supported: {refused}: convert, verify and export-adapter will refuse to run", err=True)

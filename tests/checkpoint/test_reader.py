@@ -76,6 +76,8 @@ def test_checkpoint_keys_are_deepspeeds():
         "FP32_GROUPS",
     ]
     for key in restated:
+        if key == "PARAM_ALIGNMENT_PADDINGS" and not hasattr(constants, key):
+            continue  # newer than DeepSpeed 0.17, whose checkpoints have no such entry (the reader finds none)
         assert getattr(names, key) == getattr(constants, key), key
 
 

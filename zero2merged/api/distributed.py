@@ -80,17 +80,33 @@ def _on_rank_zero(work: Callable[[Channel | None], Any]) -> Any:
         return work(None)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return work(None)
+    group = _channel_group()
+    if dist.get_rank() == 0:
+        return _lead(work, Channel(group, dist.get_world_size()))
+    return _serve(group, dist.get_rank())
+
+
+# The job's process group -> the channel's group made for it (the job's group is held, so that a group made
+# later for another job cannot take its place by having its id).
+_CHANNEL_GROUPS: list[tuple[Any, Any]] = []
+
+
+def _channel_group():
+    """A gloo group of its own for the channel: it carries Python objects whatever the job's backend, and its
+    long timeout lets the waiting ranks outlast a conversion of a large model. Made once per process group
+    (every rank makes it at the same call, as new_group requires) and kept, never destroyed: destroying a
+    gloo group hung with torch 2.6 (the callback's conversion never returned on rank 1)."""
     from datetime import timedelta
 
-    # A gloo group of its own: it carries Python objects whatever the job's backend, and its long timeout
-    # lets the waiting ranks outlast a conversion of a large model.
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    for job, group in _CHANNEL_GROUPS:
+        if job is world:
+            return group
     group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
-    try:
-        if dist.get_rank() == 0:
-            return _lead(work, Channel(group, dist.get_world_size()))
-        return _serve(group, dist.get_rank())
-    finally:
-        dist.destroy_process_group(group)
+    _CHANNEL_GROUPS.append((world, group))
+    return group
 
 
 def _lead(work, channel: Channel) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 from zero2merged.api.distributed import on_rank_zero
 from zero2merged.api.verify import unmerged_model
 from zero2merged.checks.parity import MERGE_TOLERANCE, compare_models, probe_inputs
+from zero2merged.core.environment import require_supported
 from zero2merged.core.errors import CheckpointError, VerificationError
 from zero2merged.core.options import Source
 from zero2merged.core.results import CheckpointInfo, Parity, RebuildResult
@@ -56,6 +57,7 @@ def export_adapter(checkpoint: Path | str, output: Path | str, **source: Any) ->
         Zero2MergedError: bad input, or the written adapter does not reproduce the trained model.
     """
     run = Source(checkpoint, **source)
+    require_supported()
     return on_rank_zero(lambda _channel: _export(run, Path(output).expanduser().resolve()))
 
 

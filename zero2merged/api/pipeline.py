@@ -22,6 +22,7 @@ from typing import Any
 from zero2merged.api.distributed import on_rank_zero
 from zero2merged.checkpoint.location import Location, resolve_tag
 from zero2merged.core import names
+from zero2merged.core.environment import require_supported
 from zero2merged.core.errors import OptionError, OutputError
 from zero2merged.core.options import ConvertOptions, Source, convert_options
 from zero2merged.files.atomic import write_text_atomic
@@ -68,6 +69,7 @@ def convert(checkpoint: Path | str, output: Path | str, **options: Any) -> Conve
         TypeError: an option that does not exist.
     """
     source, settings = convert_options(checkpoint, dict(options))
+    require_supported()
     _import_libraries()
     with sparing_the_collector():
         return on_rank_zero(lambda channel: _convert(source, Path(output), settings, channel))

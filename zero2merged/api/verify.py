@@ -13,6 +13,7 @@ from zero2merged.checkpoint.reader import ZeroReader
 from zero2merged.checks.blockwise import DiskWeights, aliases, meta_failure, run_from_disk
 from zero2merged.checks.parity import SAVE_TOLERANCES, compare_models, probe_inputs
 from zero2merged.core import names
+from zero2merged.core.environment import require_supported
 from zero2merged.core.errors import AdapterConfigError, BaseModelError, OptionError, VerificationError, first_line
 from zero2merged.core.options import Source
 from zero2merged.core.results import CheckpointInfo, RebuildResult
@@ -137,6 +138,7 @@ def verify(
     Raises:
         Zero2MergedError: the inputs cannot be read, or neither (or both) of checkpoint and adapter given.
     """
+    require_supported()
     if (checkpoint is None) == (adapter is None):
         raise OptionError(
             "give the unmerged model as a DeepSpeed checkpoint or as a PEFT adapter folder "

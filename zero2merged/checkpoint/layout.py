@@ -53,6 +53,13 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
         states = model_states(model_files[0])
         if isinstance(states.get(names.OPTIMIZER), dict):
             return stage0_layout(tag_dir, model_files[0], states)
+        if names.OPTIMIZER in states and names.PARAM_SHAPES in states:  # ZeRO stage 0, no optimizer state saved
+            raise CheckpointError(
+                f"{model_files[0]} holds no optimizer state: DeepSpeed {states.get(names.DS_VERSION, '?')} saved "
+                "none for this ZeRO stage 0 run (0.17 does not with bf16), so its fp32 master weights are not in "
+                "the checkpoint, only the bf16 copies; train with ZeRO stage 1-3, or a DeepSpeed that saves "
+                "them (0.19.8 does)"
+            )
     if not model_files or not optim_files:
         found = ", ".join(sorted(p.name for p in tag_dir.iterdir())[:8]) or "nothing"
         raise CheckpointError(

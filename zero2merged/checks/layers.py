@@ -115,7 +115,7 @@ class LayerMerger:
         _assign(layer, {keys[part]: tensor for part, tensor in factors.items()})
         # PEFT casts the factors to the parameter's dtype: an fp32 stand-in for it, as the merge sees.
         setattr(base, name, torch.nn.Parameter(torch.empty_like(declared_param, dtype=torch.float32), False))
-        lhs, rhs, scaling = layer.get_delta_factors(adapter)
+        lhs, rhs, scaling = _delta_factors(layer, adapter)
         experts, rank = layer.num_experts, layer.r[adapter]
         blocks = _expert_blocks(experts, self.block_bytes // (4 * math.prod(declared_param.shape[1:])))
         source = self.sources[f"{path}.{'base_layer.' * depth}{name}"]
@@ -194,6 +194,19 @@ class LayerMerger:
         else:
             probe = torch.randn(PROBE_BATCH, layer.in_features, generator=generator)
         return probe.to(self.device)
+
+
+def _delta_factors(layer: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(lhs, rhs, scaling)`` of a ``ParamWrapper``'s delta, ``scaling * lhs @ rhs`` per expert: PEFT's own
+    split where it has one (``get_delta_factors``), else the one its ``get_delta_weight`` computes in PEFT
+    0.17 (experts stored as ``(experts, in, out)``: ``einsum("o r e, e r i -> e i o", B, A)``)."""
+    if hasattr(layer, "get_delta_factors"):
+        return layer.get_delta_factors(adapter)
+    weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    weight_a = weight_a.reshape(layer.num_experts, -1, weight_a.shape[-1])  # (experts, rank, in)
+    weight_b = weight_b.reshape(weight_b.shape[0], -1, layer.num_experts).permute(2, 0, 1)  # (experts, out, rank)
+    dtype = layer.get_param().dtype
+    return weight_a.transpose(-2, -1).to(dtype), weight_b.transpose(-2, -1).to(dtype), layer.scaling[adapter]
 
 
 def _depth(layer: Any) -> int:

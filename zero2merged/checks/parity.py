@@ -68,7 +68,7 @@ def routed_outputs(model, inputs: dict, routes: list | None = None) -> tuple[tor
     """:func:`outputs`, with the outputs of every MoE router recorded in call order (the experts each token
     goes to and their weights); given ``routes``, the routers return those instead (the same choices as the
     run that recorded them). A model without routers records none."""
-    with _routers(model, routes) as recorded:
+    with _routing(model, routes) as recorded:
         return outputs(model, inputs), recorded
 
 
@@ -125,22 +125,32 @@ def _like(replayed: Any, output: Any) -> Any:
     return replayed.to(device=output.device, dtype=output.dtype)
 
 
-def _router_classes(model) -> tuple[type, ...]:
-    """The module classes transformers records a MoE model's router logits from (``output_router_logits``)."""
-    found = set()
+def _routers(model) -> list:
+    """A MoE model's routers: the modules transformers records its router logits from
+    (``_can_record_outputs``), where those are routers; else (transformers 4 records them from the whole MoE
+    block, or not at all) the ``gate`` or ``router`` beside each ``experts``."""
+    recorded = set()
     for module in model.modules():
         recorder = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
         target = getattr(recorder, "target_class", recorder)
         if isinstance(target, type):
-            found.add(target)
-    return tuple(found)
+            recorded.add(target)
+    found = [m for m in model.modules() if recorded and isinstance(m, tuple(recorded))]
+    if found and not any(hasattr(m, "experts") for m in found):
+        return found
+    return [
+        router
+        for module in model.modules()
+        if hasattr(module, "experts")
+        for router in (getattr(module, "gate", None), getattr(module, "router", None))
+        if isinstance(router, torch.nn.Module)
+    ]
 
 
 @contextlib.contextmanager
-def _routers(model, routes: list | None) -> Iterator[list]:
+def _routing(model, routes: list | None) -> Iterator[list]:
     """Within the block, the routers' outputs are appended to the yielded list, or (given ``routes``)
     replaced by the recorded ones, in call order."""
-    classes = _router_classes(model)
     recorded: list[Any] = []
     calls = iter(routes or [])
 
@@ -150,7 +160,7 @@ def _routers(model, routes: list | None) -> Iterator[list]:
             return None
         return _like(next(calls), output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if classes and isinstance(m, classes)]
+    handles = [m.register_forward_hook(hook) for m in _routers(model)]
     try:
         yield recorded
     finally:

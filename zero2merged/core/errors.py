@@ -29,6 +29,10 @@ class OutputError(Zero2MergedError):
     """The output or work directory cannot be used."""
 
 
+class LibraryError(Zero2MergedError):
+    """An installed library is outside the versions zero2merged supports, or lacks a feature the run uses."""
+
+
 class VerificationError(Zero2MergedError):
     """A parity or round-trip check failed: the result would not behave like the trained model."""
 

@@ -9,11 +9,16 @@ the output's without ever loading the model, so it applies the mapping itself, b
 own renamings, converters and ops (:mod:`transformers.core_model_loading`). What this module adds is doing
 that a group of tensors at a time, and a block of experts at a time where experts are fused, so that memory
 never holds more: transformers' loader converts a whole group at once.
+
+transformers 4 has no such mapping: its files name the modules' tensors one for one, but for a few renamings
+(:mod:`zero2merged.model.transformers4` follows them, and :class:`Layout` hands its work there).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +27,17 @@ import torch
 from zero2merged.core.errors import BaseModelError
 
 
+@functools.cache
+def conversion_mapping() -> bool:
+    """Whether this transformers converts weights between its files' layout and its modules' (5 and up)."""
+    return importlib.util.find_spec("transformers.core_model_loading") is not None
+
+
 def transforms(model: Any) -> list:
-    """The model's weight conversion mapping, as ``from_pretrained`` uses it (legacy renamings aside)."""
+    """The model's weight conversion mapping, as ``from_pretrained`` uses it (legacy renamings aside); none
+    under transformers 4."""
+    if not conversion_mapping():
+        return []
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     return get_model_conversion_mapping(model, add_legacy=False)
@@ -32,6 +46,10 @@ def transforms(model: Any) -> list:
 def describe(model: Any) -> list[str]:
     """What the mapping does, one line per transform (``inspect`` shows it); empty when files and modules
     share one layout."""
+    if not conversion_mapping():
+        from zero2merged.model import transformers4
+
+        return transformers4.describe(model)
     from transformers.core_model_loading import PrefixChange, WeightConverter
 
     lines = []
@@ -130,6 +148,10 @@ class Layout:
 
     def loading(self, files: dict[str, torch.Tensor]) -> dict[str, Group]:
         """How the base's files (name -> meta tensor) make the model's tensors: module name -> its group."""
+        if not conversion_mapping():
+            from zero2merged.model import transformers4
+
+            return transformers4.loading(self, files)
         from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
         renamings = [t for t in self.transforms if not isinstance(t, WeightConverter)]
@@ -165,6 +187,10 @@ class Layout:
         Raises:
             BaseModelError: a layout this cannot follow (it names the tensor).
         """
+        if not conversion_mapping():
+            from zero2merged.model import transformers4
+
+            return transformers4.saving(self, tensors)
         from torch._subclasses.fake_tensor import FakeTensorMode
         from transformers.core_model_loading import (
             WeightConverter,
@@ -304,3 +330,15 @@ def shift_expert(name: str, transform: Any, offset: int) -> str:
         if digits and name[at + digits :].startswith(tail):
             return f"{name[:at]}{int(name[at : at + digits]) + offset}{name[at + digits :]}"
     return name
+
+
+def untied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """``model``'s tensors (``state_dict(keep_vars=True)``) without the tied names ``save_pretrained`` leaves
+    out, by transformers' own rule."""
+    if not conversion_mapping():
+        from zero2merged.model import transformers4
+
+        return transformers4.untied(state, model)
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(dict(state), model)

@@ -19,6 +19,7 @@ from zero2merged.checkpoint.location import Location, resolve_tag
 from zero2merged.checkpoint.naming import choose
 from zero2merged.checkpoint.quantized import quant_kind
 from zero2merged.core import names
+from zero2merged.core.environment import require_supported
 from zero2merged.core.errors import AdapterConfigError, BaseModelError, CheckpointError, Zero2MergedError, first_line
 from zero2merged.core.options import Source
 from zero2merged.core.results import CheckpointInfo, ZeroLayout
@@ -209,6 +210,7 @@ def inspect_checkpoint(checkpoint: Path | str | Source, **source: Any) -> Checkp
         OptionError: an option's value is not accepted.
     """
     run = checkpoint if isinstance(checkpoint, Source) else Source(checkpoint, **source)
+    require_supported()
     with pickle_policy(run.unsafe_pickle):
         return inspect(run, resolve_tag(run.checkpoint, run.tag))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zero2merged.core.environment import PEFT_FEATURES, require_peft_feature
 from zero2merged.core.errors import AdapterConfigError, BaseModelError, CheckpointError, first_line
 from zero2merged.core.results import CheckpointInfo, RebuildResult, ResizedVocab
 from zero2merged.model.base import (
@@ -61,6 +62,7 @@ def lora_config(info: CheckpointInfo):
     Raises:
         AdapterConfigError: PEFT cannot build it, or it sets a key this PEFT does not know (PEFT would
             ignore it with a warning: a newer PEFT's feature, or a damaged key, that may change the merge).
+        LibraryError: it uses a feature PEFT gained after the installed version (:data:`PEFT_FEATURES`).
     """
     import dataclasses
     import warnings
@@ -69,6 +71,9 @@ def lora_config(info: CheckpointInfo):
     from peft import LoraConfig
     from peft.config import PeftConfig
 
+    for key in PEFT_FEATURES:  # a feature this PEFT lacks: say which PEFT has it
+        if info.lora_config.get(key):
+            require_peft_feature(key, str(info.adapter_config_path))
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = {k: v for k, v in info.lora_config.items() if k not in known and v not in (None, False, "", [], {})}
     if unknown:  # a newer PEFT's keys left at their defaults (None, False, empty) change nothing: let them be

@@ -30,8 +30,9 @@ from zero2merged.core.results import Parity, RebuildResult
 from zero2merged.files.safetensors_reader import Reader
 from zero2merged.files.safetensors_writer import Writer
 from zero2merged.files.zipcheck import RecordCheck
+from zero2merged.model import transformers4
 from zero2merged.model.base import base_dir, saved_dtypes
-from zero2merged.model.layouts import Group, Layout
+from zero2merged.model.layouts import Group, Layout, conversion_mapping, untied
 from zero2merged.model.weights import Readers, read_base
 from zero2merged.running.manifest import Flushing
 from zero2merged.running.progress import Progress
@@ -102,8 +103,6 @@ def plan_shards(model: Any, rebuilt: RebuildResult, dtype: torch.dtype, max_shar
         dtype: The output dtype of floating-point weights.
         max_shard_size: The largest shard, in bytes.
     """
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
     base = read_base(model, rebuilt)  # reading the base's files marks the transforms they use, as loading does
     readers = Readers()
     readers[base.folder] = base
@@ -125,7 +124,7 @@ def plan_shards(model: Any, rebuilt: RebuildResult, dtype: torch.dtype, max_shar
     state = final.state_dict(keep_vars=True)
     dtype_of = saved_dtypes(final, dtype)
     tensors = {}
-    for name, tensor in remove_tied_weights_from_state_dict(dict(state), final).items():
+    for name, tensor in untied(state, final).items():
         meta = tensor.to("meta", dtype=dtype_of(name) if tensor.is_floating_point() else tensor.dtype)
         layer, param = merged_by.get(id(state[name]), (None, None))
         tensors[name] = Planned(meta, layer, param, keys_of.get(id(state[name]), []))
@@ -333,7 +332,10 @@ def write_configs(model: Any, staged: Path, dtype: torch.dtype, base_model: str)
     loaded from the base (which brings the base's generation config along) and cast to ``dtype``."""
     from transformers import GenerationConfig
 
-    model.config.dtype = str(dtype).split(".")[1]
+    if conversion_mapping():
+        model.config.dtype = str(dtype).split(".")[1]
+    else:
+        transformers4.set_dtype(model.config, str(dtype).split(".")[1])
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(staged)
     if model.can_generate():
@@ -346,7 +348,7 @@ def write_configs(model: Any, staged: Path, dtype: torch.dtype, base_model: str)
 def _untie_if_diverged(model: Any) -> None:
     """Training a tied embedding apart (``modules_to_save``) unties it: say so in the config, as PEFT's
     ``merge_and_unload`` does. (PEFT compares storage addresses, which the meta device does not have.)"""
-    config = model.config
+    config = model.config if conversion_mapping() else transformers4.tying_config(model.config)
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
         if outputs.weight is not inputs.weight:
