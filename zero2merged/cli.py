@@ -130,10 +130,10 @@ def _configure_output(debug: bool, verbosity: int) -> None:
     # Only files are read, so no accelerator is needed; naming one keeps DeepSpeed from printing its
     # accelerator guess on stdout (which would break --json). A user's own choice is kept.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Stage progress is logged (stderr): -q keeps errors and warnings only (and no progress bars), -v adds
-    # the details, --debug everything, the libraries' own logs included.
+    # Stage progress is logged (stderr): -q keeps errors and warnings only, -v adds the details, --debug all the
+    # libraries' logs too; without it only their errors (an error is to be one line, not after their warnings).
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(message)s", stream=sys.stderr)
     logging.getLogger("zero2merged").setLevel(logging.DEBUG if debug else level)
     if not debug:
         import warnings
