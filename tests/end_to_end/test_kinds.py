@@ -4,6 +4,7 @@ the adapter on its own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -30,7 +31,6 @@ from tests.helpers import (
     saved_state,
 )
 from zero2merged import AdapterConfigError, CheckpointError, inspect_checkpoint
-from zero2merged.core.results import ZeroLayout
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def test_grown_vocabulary_without_the_new_rows_is_refused(trained):
     grown = {
         k: [s[0], VOCAB_SIZE + 8] if "lora_embedding_A" in k else s for k, s in info.layout.trainable_shapes.items()
     }
-    info.layout = ZeroLayout(**{**vars(info.layout), "trainable": [grown], "frozen": {}, "frozen_source": None})
+    info.layout = dataclasses.replace(info.layout, trainable=[grown], frozen={}, frozen_source=None)
     model, rebuilt = rebuild(info)
     assert rebuilt.resized_vocab.rows == VOCAB_SIZE + 8
     tensors = ((k, torch.zeros(s)) for k, s in grown.items())

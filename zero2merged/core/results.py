@@ -8,7 +8,6 @@ imports torch.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,20 +65,17 @@ class ZeroLayout(Record):
     kind: str = "zero"
     renamed: dict[str, str] = field(default_factory=dict)
 
-    @functools.cached_property
-    def _left_out(self) -> frozenset[str]:
-        return frozenset(self.outside)
-
     @property
     def trainable_shapes(self) -> dict[str, list[int]]:
         """The trained params of the PEFT model (those left out aside)."""
-        return {name: shape for group in self.trainable for name, shape in group.items() if name not in self._left_out}
+        left_out = set(self.outside)
+        return {name: shape for group in self.trainable for name, shape in group.items() if name not in left_out}
 
     def saved_name(self, name: str) -> str:
         """A table's name as the rank files hold it."""
         if name in self.renamed:
             return self.renamed[name]
-        return name if name in self._left_out else self.prefix + name
+        return name if name in self.outside else self.prefix + name
 
 
 @dataclass
