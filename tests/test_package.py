@@ -28,3 +28,22 @@ def test_tests_mirror_the_package():
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     tests = {p.parent.name for p in PACKAGE.parent.glob("tests/*/__init__.py")}
     assert packages <= tests, f"packages without a tests/ folder: {sorted(packages - tests)}"
+
+
+# Imported inside a function on purpose: the command line's, so that --help does not wait for torch.
+LAZY_FOR_START_UP = ("cli.py", "__init__.py")
+
+
+@pytest.mark.parametrize(
+    "module", [m for m in MODULES if m.name not in LAZY_FOR_START_UP], ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_no_module_imports_its_own_package_inside_a_function(module):
+    """An import of zero2merged inside a function hides a loop from Python, not from the reader (issue 22)."""
+    hidden = [
+        f"line {node.lineno}: {node.module or ''}"
+        for function in ast.walk(ast.parse(module.read_text()))
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "zero2merged"
+    ]
+    assert not hidden, f"{module.name} imports its own package inside a function: {hidden}"

@@ -17,6 +17,8 @@ from zero2merged.core import names
 from zero2merged.core.dtypes import SHORT_NAMES
 from zero2merged.core.errors import BaseModelError, first_line
 from zero2merged.files.safetensors_reader import HeaderError, read_header
+from zero2merged.model import transformers4
+from zero2merged.model.layouts import conversion_mapping
 
 # PEFT's task types and the Auto class each one trains.
 TASK_AUTO_CLASSES = {
@@ -344,11 +346,7 @@ def saved_dtypes(model, dtype: torch.dtype):
     """name -> the dtype ``from_pretrained(dtype=dtype)`` gives that weight, and so the dtype it is saved in:
     ``dtype``, except in modules transformers keeps in fp32 (``_keep_in_fp32_modules``: T5's ``wo`` in fp16,
     for one). Uses transformers' own plan and pattern matching, so both paths agree with it."""
-    from zero2merged.model.layouts import conversion_mapping
-
     if not conversion_mapping():
-        from zero2merged.model import transformers4
-
         return transformers4.saved_dtypes(model, dtype)
     from transformers.core_model_loading import build_glob_alternation
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from zero2merged.core.errors import BaseModelError
+from zero2merged.model import transformers4
 
 
 @functools.cache
@@ -47,8 +48,6 @@ def describe(model: Any) -> list[str]:
     """What the mapping does, one line per transform (``inspect`` shows it); empty when files and modules
     share one layout."""
     if not conversion_mapping():
-        from zero2merged.model import transformers4
-
         return transformers4.describe(model)
     from transformers.core_model_loading import PrefixChange, WeightConverter
 
@@ -148,10 +147,11 @@ class Layout:
 
     def loading(self, files: dict[str, torch.Tensor]) -> dict[str, Group]:
         """How the base's files (name -> meta tensor) make the model's tensors: module name -> its group."""
-        if not conversion_mapping():
-            from zero2merged.model import transformers4
-
-            return transformers4.loading(self, files)
+        if not conversion_mapping():  # transformers 4: one tensor each, renamed
+            named = transformers4.loaded_names(self.model, list(files))
+            return {
+                target: Group(target, [name], [None], targets={target: files[name]}) for target, name in named.items()
+            }
         from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
         renamings = [t for t in self.transforms if not isinstance(t, WeightConverter)]
@@ -187,10 +187,12 @@ class Layout:
         Raises:
             BaseModelError: a layout this cannot follow (it names the tensor).
         """
-        if not conversion_mapping():
-            from zero2merged.model import transformers4
-
-            return transformers4.saving(self, tensors)
+        if not conversion_mapping():  # transformers 4: one tensor each, renamed, its own storage
+            saved_as = transformers4.saved_names(self.model, list(tensors))
+            files = {saved_as[name]: tensor for name, tensor in tensors.items()}
+            groups = [Group(saved_as[n], [n], [None], targets={saved_as[n]: t}) for n, t in tensors.items()]
+            storage = {name: (name, tensor.numel() * tensor.element_size()) for name, tensor in files.items()}
+            return Saved(files, groups, storage)
         from torch._subclasses.fake_tensor import FakeTensorMode
         from transformers.core_model_loading import (
             WeightConverter,
@@ -336,9 +338,18 @@ def untied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor
     """``model``'s tensors (``state_dict(keep_vars=True)``) without the tied names ``save_pretrained`` leaves
     out, by transformers' own rule."""
     if not conversion_mapping():
-        from zero2merged.model import transformers4
-
         return transformers4.untied(state, model)
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     return remove_tied_weights_from_state_dict(dict(state), model)
+
+
+def untie_if_diverged(model: Any) -> None:
+    """Training a tied embedding apart (``modules_to_save``) unties it: say so in the config, as newer PEFTs'
+    ``merge_and_unload`` does (0.17 does not: the saved model would be re-tied on load, its trained head lost).
+    Decided by identity, not storage address: the streaming path's model is on the meta device."""
+    config = model.config if conversion_mapping() else transformers4.tying_config(model.config)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
+        if outputs.weight is not inputs.weight:
+            config.tie_word_embeddings = False

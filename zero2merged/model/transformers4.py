@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from zero2merged.model.layouts import Group, Layout, Saved
-
 
 def key_mapping(model: Any) -> dict[str, str]:
     """File pattern -> module name, as ``from_pretrained`` renames the files' keys for ``model``'s class (only
@@ -43,14 +41,14 @@ def describe(model: Any) -> list[str]:
     return [f"renamed: {pattern.lstrip('^')} (files) -> {target} (modules)" for pattern, target in mapping.items()]
 
 
-def loading(layout: Layout, files: dict[str, torch.Tensor]) -> dict[str, Group]:
-    """How the base's files (name -> meta tensor) load into ``layout.model``: module name -> its group (one
-    tensor, renamed), as transformers 4's ``_get_key_renaming_mapping`` names them."""
-    model, mapping = layout.model, key_mapping(layout.model)
+def loaded_names(model: Any, files: list[str]) -> dict[str, str]:
+    """How the base's files load into ``model``: module name -> the file's name it is loaded from (one tensor
+    each, renamed), as transformers 4's ``_get_key_renaming_mapping`` names them."""
+    mapping = key_mapping(model)
     prefix = model.base_model_prefix or ""
     has_prefix = bool(prefix) and any(name.startswith(prefix) for name in files)
     expects_prefix = bool(prefix) and hasattr(model, prefix)
-    groups: dict[str, Group] = {}
+    names: dict[str, str] = {}
     for name in files:
         target = _first_rename(name, mapping)
         if expects_prefix and not has_prefix:  # a task model from a bare model's files
@@ -59,26 +57,24 @@ def loading(layout: Layout, files: dict[str, torch.Tensor]) -> dict[str, Group]:
             if not target.startswith(f"{prefix}."):
                 continue
             target = target[len(prefix) + 1 :]
-        groups[target] = Group(target, [name], [None], targets={target: files[name]})
-    return groups
+        names[target] = name
+    return names
 
 
-def saving(layout: Layout, tensors: dict[str, torch.Tensor]) -> Saved:
-    """How transformers 4's ``save_pretrained`` names the model's tensors (module name -> meta tensor, tied ones
-    left out): the mapping reverted, the first of its patterns that matches; each tensor its own storage."""
-    reverse = {target: pattern for pattern, target in key_mapping(layout.model).items()}
-    groups, files, storage = [], {}, {}
-    for name, tensor in tensors.items():
+def saved_names(model: Any, names: list[str]) -> dict[str, str]:
+    """How transformers 4's ``save_pretrained`` names the model's tensors: module name -> name in the files, the
+    mapping reverted, the first of its patterns that matches."""
+    reverse = {target: pattern for pattern, target in key_mapping(model).items()}
+    saved_as = {}
+    for name in names:
         saved = name
         for pattern, replacement in reverse.items():
             replacement = re.sub(r"\(.*\)", "", replacement.lstrip("^"))  # as save_pretrained strips them
             saved, count = re.subn(pattern, replacement, saved)
             if count:
                 break
-        groups.append(Group(saved, [name], [None], targets={saved: tensor}))
-        files[saved] = tensor
-        storage[saved] = (saved, tensor.numel() * tensor.element_size())
-    return Saved(files, groups, storage)
+        saved_as[name] = saved
+    return saved_as
 
 
 def _first_rename(name: str, mapping: dict[str, str]) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 
+from zero2merged import __version__
 from zero2merged.core.environment import python_line, statuses
 
 
 def environment_lines() -> tuple[list[str], str]:
     """The report's lines, and the refused libraries named in one string ("" when none is)."""
     found = statuses()
-    lines = [f"{'zero2merged':13} {_own_version()}", python_line(), *(status.line() for status in found)]
+    lines = [f"{'zero2merged':13} {__version__}", python_line(), *(status.line() for status in found)]
     lines.append(f"{'CUDA':13} {cuda_visible()}")
     refused = ", ".join(f"{s.library.name} ({s.verdict})" for s in found if s.refused)
     return lines, refused
@@ -23,17 +24,11 @@ def environment_record() -> dict:
         s.library.name: {"version": s.version, "verdict": s.verdict, "supported": s.library.spec} for s in statuses()
     }
     return {
-        "zero2merged": _own_version(),
+        "zero2merged": __version__,
         "python": sys.version.split()[0],
         "libraries": libraries,
         "cuda": cuda_visible(),
     }
-
-
-def _own_version() -> str:
-    from zero2merged import __version__
-
-    return __version__
 
 
 def cuda_visible() -> str:

@@ -25,6 +25,7 @@ from zero2merged.core.dtypes import TORCH_DTYPES
 from zero2merged.core.errors import VerificationError
 from zero2merged.core.results import CheckpointInfo, MergeResult, RebuildResult
 from zero2merged.files.atomic import replacing
+from zero2merged.model.layouts import untie_if_diverged
 from zero2merged.model.modelfiles import check_complete, files_in, fresh_dir, replace_dir
 from zero2merged.running.manifest import FileHashes
 from zero2merged.running.runner import Stage
@@ -129,6 +130,7 @@ def merge(model: Any, work_dir: Path) -> MergeResult:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as e:  # PEFT's safe_merge found NaNs
         raise VerificationError(f"merging the adapter failed: {e}") from e
+    untie_if_diverged(merged)
     parity = compare_routed(merged, inputs, unmerged, routes)
     parity.check(MERGE_TOLERANCE, "merged vs unmerged model")
     merged_outputs, merged_routes = routed_outputs(merged, inputs)  # the saved model is held to these

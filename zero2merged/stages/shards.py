@@ -32,7 +32,7 @@ from zero2merged.files.safetensors_writer import Writer
 from zero2merged.files.zipcheck import RecordCheck
 from zero2merged.model import transformers4
 from zero2merged.model.base import base_dir, saved_dtypes
-from zero2merged.model.layouts import Group, Layout, conversion_mapping, untied
+from zero2merged.model.layouts import Group, Layout, conversion_mapping, untie_if_diverged, untied
 from zero2merged.model.weights import Readers, read_base
 from zero2merged.running.manifest import Flushing
 from zero2merged.running.progress import Progress
@@ -120,7 +120,7 @@ def plan_shards(model: Any, rebuilt: RebuildResult, dtype: torch.dtype, max_shar
             merged_by[id(param)] = (path, name)
             layers[path] = layer
     final = model.unload()
-    _untie_if_diverged(final)
+    untie_if_diverged(final)
     state = final.state_dict(keep_vars=True)
     dtype_of = saved_dtypes(final, dtype)
     tensors = {}
@@ -343,16 +343,6 @@ def write_configs(model: Any, staged: Path, dtype: torch.dtype, base_model: str)
         has_own = (folder / "generation_config.json").is_file()
         generation = GenerationConfig.from_pretrained(folder) if has_own else model.generation_config
         generation.save_pretrained(staged)
-
-
-def _untie_if_diverged(model: Any) -> None:
-    """Training a tied embedding apart (``modules_to_save``) unties it: say so in the config, as PEFT's
-    ``merge_and_unload`` does. (PEFT compares storage addresses, which the meta device does not have.)"""
-    config = model.config if conversion_mapping() else transformers4.tying_config(model.config)
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
-        if outputs.weight is not inputs.weight:
-            config.tie_word_embeddings = False
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
