@@ -143,7 +143,8 @@ def _saved_by(info: CheckpointInfo) -> list[str]:
     if layout.kind == "adapter":
         return [
             f"| saved as | a PEFT adapter folder, gathered ({layout.dtype}): no ZeRO files |",
-            f"| trained weights | the run's {layout.dtype} copies ({len(layout.trainable_shapes)} tensors) |",
+            f"| trained weights | the run's {layout.dtype} copies, not fp32 masters: it saved none "
+            f"({len(layout.trainable_shapes)} tensors) |",
         ]
     return [
         f"| tag | `{info.tag}` (optimizer step {layout.global_step}) |",
