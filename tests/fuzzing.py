@@ -65,7 +65,7 @@ FOREIGN = {
     "trainer-z3-bf16": "engine-z3-bf16",
 }
 
-SUBSET_SEEDS = range(30)  # make test: every family's headline case, and a few more
+SUBSET_SEEDS = range(26)  # make test: every family's headline case (seeds 0-25 take each family once)
 FULL_SEEDS = range(312)  # make fuzz: twelve rounds of every family
 
 OUTCOMES_OK = ("refused", "converted-ok", "converted-other-input")

@@ -2,7 +2,7 @@
 way, converted in its own process with a time and memory limit. Every case must end refused in one line
 with nothing written, or with the undamaged conversion's files (or, for a well-formed input that means
 something else, a model ``verify`` passes against that input). ``make test`` runs a seeded subset (every
-mutation family once, and a few more); ``make fuzz`` the full set."""
+mutation family once); ``make fuzz`` the full set."""
 
 from __future__ import annotations
 
