@@ -20,6 +20,7 @@ from zero2merged.core.results import CheckpointInfo, RebuildResult
 from zero2merged.files.pickles import pickle_policy
 from zero2merged.model.base import auto_class_name, base_config, base_dir, base_dtype, load_base, meta_model
 from zero2merged.model.layouts import Layout
+from zero2merged.model.serving import load_tokenizer
 from zero2merged.model.weights import BaseWeights, Readers, read_base
 from zero2merged.stages.consolidate import consolidate
 from zero2merged.stages.inspect import inspect_checkpoint, refuse_quantized
@@ -243,10 +244,8 @@ def read_prompts(path: Path) -> list[str]:
 
 def prompt_inputs(lines: list[str], base_model: str, config) -> dict:
     """``lines`` tokenized with the base's tokenizer and padded to one batch."""
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+        tokenizer = load_tokenizer(base_model)
     except (OSError, ValueError) as e:
         raise BaseModelError(f"cannot load the tokenizer of {base_model} for --prompts: {first_line(e)}") from e
     if tokenizer.pad_token is None:

@@ -38,12 +38,10 @@ def carry_tokenizer(sources: list[Path | str], staged: Path) -> str | None:
     """Save the tokenizer of the first source that has one into ``staged``, and each processor file from the
     first source that has it (copied as it is; the tokenizer's own chat template is not written over);
     returns the tokenizer's source."""
-    from transformers import AutoTokenizer
-
     carried = None
     for source in sources:
         if _has_tokenizer(Path(source)):
-            AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(staged)
+            load_tokenizer(source).save_pretrained(staged)
             carried = str(source)
             break
     for name in PROCESSOR_FILES:
@@ -110,10 +108,8 @@ def _has_template(folder: Path) -> bool:
 def _align(staged: Path) -> list[str]:
     """Write the tokenizer's special token ids into ``config.json`` and ``generation_config.json`` where they
     disagree; returns what was changed, a line each."""
-    from transformers import AutoTokenizer
-
     config, generation = _configs(staged)
-    tokenizer = AutoTokenizer.from_pretrained(staged, trust_remote_code=False)
+    tokenizer = load_tokenizer(staged)
     changes = _disagreements(tokenizer, config, generation)
     for holder, key, after, _ in changes:
         setattr(holder, key, after)
@@ -160,8 +156,6 @@ def notes(checkpoint: Path | str, base: str) -> list[str]:
     """What the run did not say about serving, or said differently from the base, for ``inspect``: no
     tokenizer or generation config saved, special tokens added or changed in training, and which of the base's
     special token ids the output will have rewritten."""
-    from transformers import AutoTokenizer
-
     run, base_dir = Path(checkpoint), Path(base)
     if not base_dir.is_dir():
         return []  # a hub id: nothing is fetched to inspect
@@ -182,9 +176,7 @@ def notes(checkpoint: Path | str, base: str) -> list[str]:
             if generation is not None
             else "neither the run nor the base model has a generation_config.json: generate() uses its defaults"
         )
-    tokenizers = [
-        AutoTokenizer.from_pretrained(f, trust_remote_code=False) for f in (run, base_dir) if _has_tokenizer(f)
-    ]
+    tokenizers = [load_tokenizer(f) for f in (run, base_dir) if _has_tokenizer(f)]
     if len(tokenizers) == 2:
         trained, original = tokenizers
         added = [t for t in trained.get_added_vocab() if t not in original.get_added_vocab()]
@@ -206,6 +198,23 @@ def notes(checkpoint: Path | str, base: str) -> list[str]:
                 f"({len(changes)} ids): the output's are rewritten to agree"
             )
     return found
+
+
+def load_tokenizer(folder: Path | str):
+    """The tokenizer saved in ``folder``, by ``AutoTokenizer``. One saved by transformers 5 names its class
+    ``TokenizersBackend``, which transformers 4 does not have: its ``tokenizer.json`` is read by the fast
+    tokenizer class both share instead (and written back out as transformers 4 writes it)."""
+    import transformers
+
+    settings = Path(folder) / "tokenizer_config.json"
+    named = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+    if (
+        named == "TokenizersBackend"
+        and not hasattr(transformers, named)
+        and (Path(folder) / "tokenizer.json").is_file()
+    ):
+        return transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def _has_tokenizer(folder: Path) -> bool:
