@@ -56,6 +56,10 @@ def base_fingerprint(base: str) -> Any:
     return files_stat(files_in(path)) if path.is_dir() else base
 
 
+# Keys a newer PEFT writes that only record where the file came from: nothing of the merge depends on them.
+RECORDS_ONLY = {"peft_version"}
+
+
 def lora_config(info: CheckpointInfo):
     """The run's LoraConfig, built by PEFT from the saved JSON.
 
@@ -74,7 +78,7 @@ def lora_config(info: CheckpointInfo):
     for key in PEFT_FEATURES:  # a feature this PEFT lacks: say which PEFT has it
         if info.lora_config.get(key):
             require_peft_feature(key, str(info.adapter_config_path))
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    known = {f.name for f in dataclasses.fields(LoraConfig)} | RECORDS_ONLY
     unknown = {k: v for k, v in info.lora_config.items() if k not in known and v not in (None, False, "", [], {})}
     if unknown:  # a newer PEFT's keys left at their defaults (None, False, empty) change nothing: let them be
         key = sorted(unknown)[0]
