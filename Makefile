@@ -34,7 +34,7 @@ $(OLDEST)/made: constraints-oldest.txt
 
 test-oldest: install $(OLDEST)/made
 	$(OLDEST_PYTHON) -m pytest -q -m "not slow"
-	$(OLDEST_PYTHON) -m pytest -q tests/api/test_integrations.py
+	ZERO2MERGED_FIXTURES=$(abspath fixtures/.cache/oldest) $(OLDEST_PYTHON) -m pytest -q tests/api/test_integrations.py
 	ZERO2MERGED_OLDEST_PYTHON=$(abspath $(OLDEST_PYTHON)) $(PYTHON) -m pytest -q -m oldest
 
 test-fast: install

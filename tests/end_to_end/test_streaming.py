@@ -14,6 +14,7 @@ from fixtures.build import free_port
 from tests.helpers import convert_fixture
 from zero2merged.checks import layers
 from zero2merged.core.options import Tuning
+from zero2merged.model.layouts import conversion_mapping
 from zero2merged.model.modelfiles import files_in
 from zero2merged.stages import shards
 
@@ -94,7 +95,9 @@ def test_layers_merged_a_few_rows_at_a_time_write_the_same_files(
         fixture, tmp_path / "blocks", max_shard_size=max_shard_size, dtype=dtype, tuning=Tuning(block_bytes=1024)
     )
     assert any(first_rows)  # a layer was given a block that does not start at its first row
-    assert bool(early) == (name == "bert-features-z3")
+    # transformers 5 saves BERT's bias apart from its weight in 20 KB shards; transformers 4 orders the tensors
+    # otherwise and keeps them together (the files are the same as in memory either way, below)
+    assert bool(early) == (name == "bert-features-z3" and conversion_mapping())
     convert_fixture(fixture, tmp_path / "in-memory", max_shard_size=max_shard_size, dtype=dtype, in_memory=True)
     _assert_identical(tmp_path / "blocks", tmp_path / "in-memory")
 
