@@ -58,19 +58,22 @@ def _run(command: list[str], **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def trained_by_oldest(oldest, tmp_path_factory):
     """``get(name)`` -> (fixture, its reference file): trained by the oldest stack (cached beside today's
-    fixtures, in a folder of its own), the reference computed there."""
+    fixtures, in a folder of its own), the reference computed there (unless ``reference=False``)."""
     root = Path(os.environ.get("ZERO2MERGED_FIXTURES") or ROOT / "fixtures" / ".cache") / "oldest"
     made = {}
 
-    def get(name: str) -> tuple[Fixture, Path]:
+    def get(name: str, *, reference: bool = True) -> tuple[Fixture, Path | None]:
         if name not in made:
             done = _run([oldest, "-m", "fixtures", "build", name], ZERO2MERGED_FIXTURES=str(root))
             folder = Path(done.stdout.strip().splitlines()[-1])
             record = json.loads((folder / RECORD).read_text())
             assert record["versions"]["transformers"].startswith("4."), record["versions"]
-            reference = tmp_path_factory.mktemp(f"{name}-oldest") / "reference.safetensors"
-            _run([oldest, str(ROOT / "fixtures" / "maker_reference.py"), str(folder), str(reference)])
-            made[name] = Fixture(SPECS[name], folder), reference
+            made[name] = Fixture(SPECS[name], folder), None
+        fixture, file = made[name]
+        if reference and file is None:
+            file = tmp_path_factory.mktemp(f"{name}-oldest") / "reference.safetensors"
+            _run([oldest, str(ROOT / "fixtures" / "maker_reference.py"), str(fixture.root), str(file)])
+            made[name] = fixture, file
         return made[name]
 
     return get
@@ -120,3 +123,18 @@ def test_a_checkpoint_from_todays_stack_converts_in_the_oldest(oldest, trained, 
     reference = {key: tensor.contiguous() for key, tensor in saved.items()}
     _convert_and_verify_in_oldest(oldest, fixture.checkpoint, tmp_path / "oldest")
     _assert_matches(tmp_path / "oldest", reference, tied_groups(saved))
+
+
+def test_a_zero0_bf16_save_of_the_oldest_deepspeed_is_refused_in_one_line(trained_by_oldest, tmp_path):
+    """DeepSpeed 0.17 saves no optimizer state under ZeRO-0 with bf16: the fp32 masters are not in the files,
+    and a model from the bf16 copies would not be the trained one."""
+    from click.testing import CliRunner
+
+    from zero2merged.cli import main
+
+    fixture, _ = trained_by_oldest("zero0-bf16", reference=False)
+    result = CliRunner().invoke(main, ["convert", str(fixture.checkpoint), "--output", str(tmp_path / "never")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "holds no optimizer state" in lines[0] and "fp32 master weights are not in the checkpoint" in lines[0]
+    assert not (tmp_path / "never").exists()
