@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.families import FAMILIES, fused_experts, unsupported
+from fixtures.families import FAMILIES, fused_experts, tiny_config, unsupported
 from tests.families_harness import build, in_memory, reference, streamed, weight_files
 from zero2merged.core.errors import VerificationError
 
@@ -105,3 +105,14 @@ def test_the_sweep_covers_the_families_people_fine_tune():
     assert {"mixtral", "qwen3-moe", "deepseek-v3", "gpt-oss", "qwen2-vl", "llava", "gemma3", "gpt-neox"} <= set(
         FAMILIES
     )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_building_a_family_leaves_its_fixtures_cache_key_alone(name):
+    """A family's config is part of the cache key of the fixtures trained from it: building its model (as the
+    sweep does) must not change it, or a process that ran the sweep would train those fixtures again over
+    the copies other test processes are reading."""
+    family = _family(name)
+    before = repr(family)
+    tiny_config(family)
+    assert repr(family) == before
