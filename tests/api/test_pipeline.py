@@ -30,12 +30,20 @@ def _hashes(folder):
 
 def test_convert_leaves_the_calling_process_as_it_found_it(trained, tmp_path):
     """Called from a training script: torch's thread count (one fewer during the merge) and the garbage
-    collector (its objects frozen during the run) are as they were."""
+    collector (its objects frozen during the run) are as they were: nothing left frozen where the caller had
+    frozen nothing, and a caller's own freeze kept."""
     fixture = trained("engine-z3-bf16")
-    threads, frozen = torch.get_num_threads(), gc.get_freeze_count()
-    zero2merged.convert(fixture.checkpoint, tmp_path / "merged")
+    threads = torch.get_num_threads()
+    gc.unfreeze()  # the caller's state to begin with (an in-process CLI test before may have frozen this one)
+    zero2merged.convert(fixture.checkpoint, tmp_path / "first")
     assert torch.get_num_threads() == threads
-    assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze its own objects
+    try:
+        zero2merged.convert(fixture.checkpoint, tmp_path / "second")
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_second_run_is_a_noop_and_force_redoes(trained, tmp_path):
