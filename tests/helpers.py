@@ -220,9 +220,9 @@ def free_run(model, inputs: dict[str, torch.Tensor], taken: list) -> tuple[torch
         free = main_output(model, inputs)
     shape = inputs["input_ids"].shape
     steady = torch.ones(math.prod(shape), dtype=torch.bool)
-    config = model.config.get_text_config()
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
     for ours, live in zip(free_routes, taken, strict=True):
-        steady &= _same_experts(ours, live, getattr(config, "num_experts_per_tok", None), steady.numel())
+        steady &= _same_experts(ours, live, top_k, steady.numel())
     return free, steady.reshape(shape).int().cumprod(-1).bool()
 
 
